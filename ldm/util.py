@@ -77,3 +77,17 @@ def instantiate_from_config(config: Mapping[str, Any], **extra_params: Any) -> A
 
 def count_params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def images_to_bchw(x: Any) -> Any:
+    """Image batches as float [B, C, H, W]; CompVis datasets yield channels-last [B, H, W, C]."""
+    if x.dim() == 3:
+        x = x[..., None]
+    if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        x = x.permute(0, 3, 1, 2)
+    return x.contiguous().float()
+
+
+def disabled_train(self: Any, mode: bool = True) -> Any:
+    """Replacement for ``Module.train`` on frozen parts: they stay in eval mode."""
+    return self

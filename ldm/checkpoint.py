@@ -1,0 +1,308 @@
+"""Safe reading and writing of Stable Diffusion checkpoints.
+
+* ``.safetensors`` files are memory-mapped (safetensors' default ``mmap`` backend hands out
+  tensors whose storage *is* the private file mapping), so a model built on the meta device and
+  loaded with :func:`load_into_model` costs about one copy of the weights in RSS.
+* Pickled checkpoints (``.ckpt``/``.pt``/``.pth``/``.bin``) are read with ``weights_only=True``;
+  running a pickle's code needs an explicit ``allow_unsafe_pickle=True``.
+* Every failure we can foresee becomes a :class:`CheckpointError` with a short message that
+  names the file and the fix, instead of a traceback from safetensors, torch or pickle.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+__all__ = [
+    "CheckpointError", "read_state_dict", "checkpoint_metadata", "split_ema",
+    "load_into_model", "save_state_dict", "empty_init",
+]
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+EMA_PREFIX = "model_ema."
+_WRAPPER_KEYS = ("state_dict", "model", "module")
+# weights_only errors that mean "the bytes are garbage", not "the pickle wants to run code".
+_CORRUPT_PICKLE = re.compile(r"Unsupported operand|truncated|invalid load key|EOF", re.IGNORECASE)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, written or loaded; the message says how to fix it."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _sniff(path: Path) -> str | None:
+    """Guess the format from magic bytes: 'safetensors', 'zip' (torch.save) or 'pickle' (legacy)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    # safetensors: u64 little-endian header length, then the JSON header itself.
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") >= 2:
+        return "safetensors"
+    if head[:1] == b"\x80":  # pickle protocol >= 2 opcode, used by torch's legacy format
+        return "pickle"
+    return None
+
+
+def _check_file(path: str | os.PathLike) -> tuple[Path, str]:
+    """Resolve ``path`` and its format, or raise a one-line CheckpointError."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}; check the path (or download the file first)")
+    if p.is_dir():
+        raise CheckpointError(f"{p} is a directory, not a checkpoint file; pass the .safetensors/.ckpt file inside it")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p} is empty (0 bytes), probably an interrupted download or save; re-download or re-save it")
+    kind = _sniff(p)
+    if kind is None:
+        suffix = p.suffix.lower()
+        if suffix == ".safetensors":
+            kind = "safetensors"
+        elif suffix in PICKLE_SUFFIXES:
+            kind = "pickle"
+        else:
+            raise CheckpointError(
+                f"{p} is neither a safetensors file nor a torch.save checkpoint (unrecognised header); "
+                "pass a .safetensors or .ckpt file")
+    return p, kind
+
+
+def _torch_load(p: Path, kind: str, device: str | torch.device, allow_unsafe_pickle: bool) -> Any:
+    try:
+        # mmap only works for the zip format; legacy pickles are read into memory.
+        return torch.load(p, map_location=device, weights_only=not allow_unsafe_pickle, mmap=kind == "zip")
+    except pickle.UnpicklingError as err:
+        if not allow_unsafe_pickle and not _CORRUPT_PICKLE.search(str(err)):
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
+            what = f" (it references {found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"{p} needs full unpickling{what}, which can run arbitrary code; re-run with "
+                "allow_unsafe_pickle=True (--unsafe-pickle) only if you trust this file") from None
+        raise CheckpointError(f"{p} is corrupt or truncated ({_first_line(err)}); re-download or re-save it") from None
+    except Exception as err:  # zip/EOF/OS errors from a damaged file, or anything an unsafe pickle raises
+        raise CheckpointError(f"{p} is corrupt or truncated ({_first_line(err)}); re-download or re-save it") from None
+
+
+def _unwrap(obj: Any) -> Any:
+    """Strip Lightning/CompVis ``state_dict`` and ``model``/``module`` wrappers."""
+    for _ in range(4):
+        if isinstance(obj, nn.Module):
+            obj = obj.state_dict()
+        if not isinstance(obj, Mapping):
+            return obj
+        for key in _WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, nn.Module) or (
+                    isinstance(inner, Mapping) and (key == "state_dict" or any(isinstance(v, torch.Tensor) for v in inner.values()))):
+                obj = inner
+                break
+        else:
+            return obj
+    return obj
+
+
+def read_state_dict(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                    allow_unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read the tensors of a checkpoint (safetensors memory-mapped, pickles with ``weights_only``)."""
+    p, kind = _check_file(path)
+    if kind == "safetensors":
+        try:
+            with safe_open(p, framework="pt", device=str(device)) as f:
+                raw: Any = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:
+            raise CheckpointError(f"{p} is not a valid safetensors file ({_first_line(err)}); re-download or re-save it") from None
+    else:
+        raw = _unwrap(_torch_load(p, kind, device, allow_unsafe_pickle))
+    sd = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} if isinstance(raw, Mapping) else {}
+    if not sd:
+        found = f"top-level keys: {', '.join(map(str, list(raw)[:6]))}" if isinstance(raw, Mapping) and raw else f"a {type(raw).__name__}"
+        raise CheckpointError(f"{p} contains no tensors ({found}); it is not a model checkpoint, pass the weights file")
+    return sd
+
+
+def checkpoint_metadata(path: str | os.PathLike, *, allow_unsafe_pickle: bool = False) -> dict[str, Any]:
+    """Non-tensor information: safetensors' header metadata, or a pickle's scalars (``global_step``...)."""
+    p, kind = _check_file(path)
+    if kind == "safetensors":
+        try:
+            with safe_open(p, framework="pt") as f:
+                return dict(f.metadata() or {})
+        except Exception as err:
+            raise CheckpointError(f"{p} is not a valid safetensors file ({_first_line(err)}); re-download or re-save it") from None
+    obj = _torch_load(p, kind, "cpu", allow_unsafe_pickle)
+    if not isinstance(obj, Mapping):
+        return {}
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, (int, float, str, bool))}
+
+
+def split_ema(state_dict: Mapping[str, torch.Tensor], model_param_names: Iterable[str], use_ema: bool) -> dict[str, torch.Tensor]:
+    """Resolve CompVis' ``LitEma`` layout: EMA values replace ``model.*`` weights if ``use_ema``.
+
+    ``LitEma`` names each buffer ``model_ema.`` + the parameter's path inside ``model`` without dots.
+    Parameters without a buffer (``LitEma`` skips frozen ones) keep their raw value.
+    """
+    out = {k: v for k, v in state_dict.items() if not k.startswith(EMA_PREFIX)}
+    if not use_ema:
+        return out
+    ema = {k[len(EMA_PREFIX):]: v for k, v in state_dict.items() if k.startswith(EMA_PREFIX)}
+    found = 0
+    for name in model_param_names:
+        if name.startswith("model.") and (shadow := ema.get(name[len("model."):].replace(".", ""))) is not None:
+            out[name] = shadow
+            found += 1
+    if not found:
+        why = "has no model_ema.* keys" if not set(ema) - {"decay", "num_updates"} else "has model_ema.* keys matching none of the model's parameters"
+        raise CheckpointError(f"checkpoint {why} (no EMA weights); load it with use_ema=False")
+    return out
+
+
+def _matches(key: str, patterns: list[str]) -> bool:
+    # Patterns without wildcards act as prefixes, like CompVis' ignore_keys.
+    return any(fnmatch.fnmatchcase(key, p) if any(c in p for c in "*?[") else key.startswith(p) for p in patterns)
+
+
+def _grouped(keys: Iterable[str], limit: int = 8) -> list[str]:
+    """Summarise keys as '<first 3 dotted parts>.* (N keys, e.g. ...)' lines, biggest groups first."""
+    groups: dict[str, list[str]] = {}
+    for k in sorted(keys):
+        parts = k.split(".")
+        groups.setdefault(".".join(parts[:min(3, max(1, len(parts) - 1))]), []).append(k)
+    ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    lines = [f"    {g}.* ({len(v)} keys, e.g. {v[0]})" if len(v) > 1 else f"    {v[0]}" for g, v in ordered[:limit]]
+    if len(ordered) > limit:
+        rest = ordered[limit:]
+        lines.append(f"    ... and {len(rest)} more groups ({sum(len(v) for _, v in rest)} keys)")
+    return lines
+
+
+def load_into_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True,
+                    dtype: torch.dtype | None = None, ignore_keys: Iterable[str] = (),
+                    optional_keys: Iterable[str] = ()) -> None:
+    """Assign ``state_dict`` to ``model`` (which may live on the meta device) after checking it.
+
+    Floating tensors are cast to ``dtype``, or else to the dtype of the model tensor they replace;
+    they move to that tensor's device unless it is meta (then they stay where they were read).
+    """
+    ignore, optional = list(ignore_keys), list(optional_keys)
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if not _matches(k, ignore)}
+    sd = {k: v for k, v in state_dict.items()
+          if not _matches(k, ignore) and (k in expected or not _matches(k, optional))}
+    missing = [k for k in expected if k not in sd and not _matches(k, optional)]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+              for k, v in sd.items() if k in expected and v.shape != expected[k].shape]
+    if shapes or (strict and (missing or unexpected)):
+        counts = ", ".join(f"{n} {what}" for n, what in [(len(missing), "missing"), (len(unexpected), "unexpected"),
+                                                          (len(shapes), "shape mismatches")] if n)
+        lines = [f"checkpoint does not match {type(model).__name__} ({counts}); use the matching config/file, "
+                 "or pass ignore_keys / strict=False if this is intended"]
+        if strict and missing:
+            lines += [f"  missing from file ({len(missing)}):", *_grouped(missing)]
+        if strict and unexpected:
+            lines += [f"  unexpected in file ({len(unexpected)}):", *_grouped(unexpected)]
+        if shapes:
+            lines += [f"  shape mismatches ({len(shapes)}):", *(f"    {s}" for s in shapes[:5])]
+            lines += [f"    ... and {len(shapes) - 5} more"] if len(shapes) > 5 else []
+        raise CheckpointError("\n".join(lines))
+    for k, v in list(sd.items()):
+        ref = expected.get(k)
+        to_dtype = (dtype or (ref.dtype if ref is not None and ref.is_floating_point() else v.dtype)) if v.is_floating_point() else v.dtype
+        to_device = ref.device if ref is not None and ref.device.type != "meta" else v.device
+        if v.dtype != to_dtype or v.device != to_device:
+            sd[k] = v.to(device=to_device, dtype=to_dtype)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.load_state_dict(sd, strict=strict, assign=True)
+    for n, p in model.named_parameters():
+        p.requires_grad_(grads.get(n, p.requires_grad))  # assign=True must not change trainability
+    _check_materialised(model)
+
+
+def _check_materialised(model: nn.Module) -> None:
+    still_meta, non_persistent = [], []
+    for mod_name, mod in model.named_modules():
+        for name, t in [*mod._parameters.items(), *mod._buffers.items()]:
+            if t is not None and t.is_meta:
+                full = f"{mod_name}.{name}" if mod_name else name
+                (non_persistent if name in mod._non_persistent_buffers_set else still_meta).append(full)
+    if not still_meta and not non_persistent:
+        return
+    parts = []
+    if still_meta:
+        parts.append(f"{len(still_meta)} tensors got no value from the checkpoint ({', '.join(still_meta[:5])}"
+                     f"{', ...' if len(still_meta) > 5 else ''}); load with strict=True to see why")
+    if non_persistent:
+        parts.append(f"non-persistent buffers {', '.join(non_persistent[:8])}{', ...' if len(non_persistent) > 8 else ''} "
+                     "are not in checkpoints, so build the model under empty_init() (buffers on CPU), not torch.device('meta')")
+    raise CheckpointError("model still has meta tensors after loading: " + "; ".join(parts))
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
+                    metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
+    """Atomically write ``state_dict`` as ``.safetensors`` (default) or a ``.ckpt`` pickle."""
+    p = Path(path).expanduser()
+    sd: dict[str, torch.Tensor] = {}
+    seen: set[tuple[torch.device, int]] = set()
+    for k, v in state_dict.items():
+        if v.is_meta:
+            raise CheckpointError(f"cannot save {p}: tensor {k!r} is on the meta device (never loaded); load the weights first")
+        v = v.detach().to("cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
+        storage = (v.device, v.untyped_storage().data_ptr())
+        if storage in seen and v.numel():
+            v = v.clone()  # safetensors refuses tensors that share memory (tied weights)
+        seen.add(storage)
+        sd[k] = v
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    if not p.parent.is_dir():
+        raise CheckpointError(f"cannot save {p}: directory {p.parent} does not exist; create it first")
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    try:
+        if p.suffix.lower() in PICKLE_SUFFIXES:
+            with open(tmp, "wb") as f:
+                torch.save({"state_dict": sd, **meta}, f)
+        else:
+            save_file(sd, str(tmp), metadata=meta or None)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # data on disk before the rename makes it visible
+        os.replace(tmp, p)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, Exception):
+            raise CheckpointError(f"could not save {p} ({_first_line(err)}); the previous file, if any, is unchanged") from err
+        raise
+
+
+@contextlib.contextmanager
+def empty_init() -> Iterator[None]:
+    """Build modules with parameters on the meta device and buffers on CPU.
+
+    Parameters cost neither memory nor init time (``reset_parameters`` then runs on meta tensors);
+    buffers keep real values because non-persistent ones (position ids, masks) are not in checkpoints.
+    Not thread-safe: it patches ``nn.Module.register_parameter`` while active.
+    """
+    original = nn.Module.register_parameter
+
+    def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if type(param) is nn.Parameter and not param.is_meta:
+            # The just-created CPU tensor is freed untouched (malloc'd pages never get resident).
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        original(self, name, param)
+
+    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]

@@ -1,0 +1,391 @@
+"""``DDPM``, ``LatentDiffusion`` and ``LatentInpaintDiffusion`` (CompVis names and keys).
+
+This file holds the models and the diffusion math (schedule buffers, noising, the loss).
+The Lightning training surface lives in ``training.py``; samplers only need
+``apply_model``, the schedule buffers and the first/cond stage helpers defined here.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Optional, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.models.diffusion import schedule as sched
+from ldm.models.diffusion.training import DiffusionTrainingMixin
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.ema import LitEma
+from ldm.util import disabled_train, images_to_bchw, instantiate_from_config
+
+CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm", "crossattn-adm")
+
+
+class DiffusionWrapper(nn.Module):
+    """Routes conditioning to the UNet: concatenated channels, cross-attention context, vector ``y``."""
+
+    def __init__(self, diff_model_config: dict, conditioning_key: Optional[str]):
+        super().__init__()
+        if conditioning_key not in CONDITIONING_KEYS:
+            raise ValueError(f"conditioning_key {conditioning_key!r} unknown; use one of {CONDITIONING_KEYS}")
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x, t, c_concat: Optional[list] = None, c_crossattn: Optional[list] = None, c_adm=None):
+        key = self.conditioning_key
+        if key in ("concat", "hybrid", "hybrid-adm"):
+            x = torch.cat([x, *c_concat], dim=1)
+        context = torch.cat(c_crossattn, 1) if key in ("crossattn", "hybrid", "hybrid-adm", "crossattn-adm") else None
+        if key == "adm":
+            return self.diffusion_model(x, t, y=c_crossattn[0])
+        y = c_adm if key in ("hybrid-adm", "crossattn-adm") else None
+        return self.diffusion_model(x, t, context=context, y=y)
+
+
+class DDPM(DiffusionTrainingMixin, pl.LightningModule):
+    """A denoising diffusion model in data space with a discrete schedule."""
+
+    def __init__(
+        self,
+        unet_config: dict,
+        timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        loss_type: str = "l2",
+        ckpt_path: Optional[str] = None,
+        ignore_keys: Sequence[str] = (),
+        load_only_unet: bool = False,
+        monitor: str = "val/loss",
+        use_ema: bool = True,
+        first_stage_key: str = "image",
+        image_size: int = 256,
+        channels: int = 3,
+        log_every_t: int = 100,
+        clip_denoised: bool = True,
+        linear_start: float = 1e-4,
+        linear_end: float = 2e-2,
+        cosine_s: float = 8e-3,
+        given_betas=None,
+        original_elbo_weight: float = 0.0,
+        v_posterior: float = 0.0,
+        l_simple_weight: float = 1.0,
+        conditioning_key: Optional[str] = None,
+        parameterization: str = "eps",
+        scheduler_config: Optional[dict] = None,
+        use_positional_encodings: bool = False,
+        learn_logvar: bool = False,
+        logvar_init: float = 0.0,
+        make_it_fit: bool = False,
+        ucg_training: Optional[dict] = None,
+        reset_ema: bool = False,
+        reset_num_ema_updates: bool = False,
+        snr_gamma: Optional[float] = None,
+        ema_decay: float = 0.9999,
+    ):
+        super().__init__()
+        if parameterization not in sched.PARAMETERIZATIONS:
+            raise ValueError(f"parameterization {parameterization!r} unknown; use one of {sched.PARAMETERIZATIONS}")
+        if loss_type not in ("l1", "l2", "huber"):
+            raise ValueError(f"loss_type {loss_type!r} unknown; use l1, l2 or huber")
+        self.parameterization = parameterization
+        self.cond_stage_model = None
+        self.clip_denoised = clip_denoised
+        self.log_every_t = log_every_t
+        self.first_stage_key = first_stage_key
+        self.image_size = image_size
+        self.channels = channels
+        self.use_positional_encodings = use_positional_encodings
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.use_ema = use_ema
+        if use_ema:
+            self.model_ema = LitEma(self.model, decay=ema_decay)
+        self.use_scheduler = scheduler_config is not None
+        self.scheduler_config = scheduler_config
+        self.v_posterior = v_posterior
+        self.original_elbo_weight = original_elbo_weight
+        self.l_simple_weight = l_simple_weight
+        self.snr_gamma = snr_gamma
+        self.loss_type = loss_type
+        self.ucg_training = dict(ucg_training or {})
+        if monitor is not None:
+            self.monitor = monitor
+        self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        self.learn_logvar = learn_logvar
+        logvar = torch.full((self.num_timesteps,), float(logvar_init), device="cpu")
+        self.logvar = nn.Parameter(logvar) if learn_logvar else logvar
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys, only_model=load_only_unet)
+
+    # ---- schedule -------------------------------------------------------------------------
+    def register_schedule(self, given_betas=None, beta_schedule="linear", timesteps=1000,
+                          linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3) -> None:
+        tables = sched.schedule_tables(beta_schedule, timesteps, linear_start, linear_end, cosine_s, given_betas, self.v_posterior)
+        self.num_timesteps = int(len(tables["betas"]))
+        self.linear_start, self.linear_end = linear_start, linear_end
+        for name in sched.SCHEDULE_BUFFERS:
+            self.register_buffer(name, torch.tensor(tables[name], dtype=torch.float32))
+        lvlb = sched.vlb_weights(tables, self.parameterization)
+        self.register_buffer("lvlb_weights", torch.tensor(lvlb, dtype=torch.float32), persistent=False)
+
+    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> None:
+        from ldm.checkpoint import load_into_model, read_state_dict
+
+        state = {k: v for k, v in read_state_dict(path).items() if not any(k.startswith(i) for i in ignore_keys)}
+        target = self.model if only_model else self
+        load_into_model(target, state, strict=False)
+
+    @contextmanager
+    def ema_scope(self, context: Optional[str] = None):
+        """Run the block with EMA weights swapped in (no-op without EMA)."""
+        if not self.use_ema:
+            yield
+            return
+        with self.model_ema.average_parameters(self.model):
+            yield
+
+    # ---- forward process and loss ---------------------------------------------------------
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        noise = torch.randn_like(x_start) if noise is None else noise
+        return sched.q_sample(x_start, self.alphas_cumprod[t], noise)
+
+    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return sched.to_x0_eps(noise, x_t, self.alphas_cumprod[t], "eps")[0]
+
+    def predict_start_from_z_and_v(self, x_t, t, v):
+        return sched.to_x0_eps(v, x_t, self.alphas_cumprod[t], "v")[0]
+
+    def predict_eps_from_z_and_v(self, x_t, t, v):
+        return sched.to_x0_eps(v, x_t, self.alphas_cumprod[t], "v")[1]
+
+    def get_v(self, x, noise, t):
+        return sched.v_from(x, noise, self.alphas_cumprod[t])
+
+    def get_loss(self, pred: torch.Tensor, target: torch.Tensor, mean: bool = True) -> torch.Tensor:
+        reduction = "mean" if mean else "none"
+        if self.loss_type == "l1":
+            return F.l1_loss(pred, target, reduction=reduction)
+        if self.loss_type == "huber":
+            return F.smooth_l1_loss(pred, target, reduction=reduction)
+        return F.mse_loss(pred, target, reduction=reduction)
+
+    def timestep_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss weights: 1, or min-SNR-gamma (Hang et al. 2023) when ``snr_gamma`` is set."""
+        if self.snr_gamma is None:
+            return torch.ones_like(t, dtype=torch.float32)
+        snr = sched.snr(self.alphas_cumprod[t])
+        clipped = torch.clamp(snr, max=self.snr_gamma)
+        return {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[self.parameterization]
+
+    def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: Optional[torch.Tensor] = None):
+        noise = torch.randn_like(x_start) if noise is None else noise
+        alpha_bar = self.alphas_cumprod[t]
+        x_noisy = sched.q_sample(x_start, alpha_bar, noise)
+        output = self.apply_model(x_noisy, t, cond)
+        target = sched.training_target(x_start, noise, alpha_bar, self.parameterization)
+        per_sample = self.get_loss(output.float(), target.float(), mean=False).mean(dim=list(range(1, x_start.dim())))
+        prefix = "train" if self.training else "val"
+        loss_simple = per_sample * self.timestep_weights(t)
+        if self.learn_logvar or bool(torch.any(self.logvar != 0)):
+            logvar_t = self.logvar.to(per_sample.device)[t]
+            loss_simple = loss_simple / torch.exp(logvar_t) + logvar_t
+        loss = self.l_simple_weight * loss_simple.mean()
+        loss_dict = {f"{prefix}/loss_simple": per_sample.mean()}
+        if self.original_elbo_weight > 0:
+            loss_vlb = (self.lvlb_weights[t] * per_sample).mean()
+            loss = loss + self.original_elbo_weight * loss_vlb
+            loss_dict[f"{prefix}/loss_vlb"] = loss_vlb
+        loss_dict[f"{prefix}/loss"] = loss
+        return loss, loss_dict
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None, return_ids: bool = False):
+        return self.model(x_noisy, t)
+
+    def get_input(self, batch: dict, k: str) -> torch.Tensor:
+        return images_to_bchw(batch[k])
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=x.device)
+        return self.p_losses(x, None, t)
+
+    def shared_step(self, batch: dict):
+        return self(self.get_input(batch, self.first_stage_key))
+
+
+class LatentDiffusion(DDPM):
+    """Diffusion in the latent space of a first stage, conditioned by a cond stage."""
+
+    def __init__(
+        self,
+        first_stage_config: dict,
+        cond_stage_config: Any,
+        num_timesteps_cond: Optional[int] = None,
+        cond_stage_key: str = "image",
+        cond_stage_trainable: bool = False,
+        concat_mode: bool = True,
+        cond_stage_forward: Optional[str] = None,
+        conditioning_key: Optional[str] = None,
+        scale_factor: float = 1.0,
+        scale_by_std: bool = False,
+        force_null_conditioning: bool = False,
+        *args,
+        **kwargs,
+    ):
+        self.num_timesteps_cond = num_timesteps_cond or 1
+        if self.num_timesteps_cond != 1:
+            raise NotImplementedError("num_timesteps_cond > 1 (shortened conditioning schedules) is not supported")
+        self.scale_by_std = scale_by_std
+        if conditioning_key is None:
+            conditioning_key = "concat" if concat_mode else "crossattn"
+        if cond_stage_config == "__is_unconditional__" and not force_null_conditioning:
+            conditioning_key = None
+        ckpt_path = kwargs.pop("ckpt_path", None)
+        ignore_keys = kwargs.pop("ignore_keys", ())
+        super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
+        self.concat_mode = concat_mode
+        self.cond_stage_trainable = cond_stage_trainable
+        self.cond_stage_key = cond_stage_key
+        self.cond_stage_forward = cond_stage_forward
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        else:
+            self.scale_factor = scale_factor
+        self.instantiate_first_stage(first_stage_config)
+        self.instantiate_cond_stage(cond_stage_config)
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys)
+
+    def instantiate_first_stage(self, config: dict) -> None:
+        model = instantiate_from_config(config).eval()
+        model.train = disabled_train.__get__(model)
+        for p in model.parameters():
+            p.requires_grad = False
+        self.first_stage_model = model
+
+    def instantiate_cond_stage(self, config: Any) -> None:
+        if config == "__is_first_stage__":
+            self.cond_stage_model = self.first_stage_model
+        elif config == "__is_unconditional__":
+            self.cond_stage_model = None
+        else:
+            model = instantiate_from_config(config)
+            if not self.cond_stage_trainable:
+                model = model.eval()
+                model.train = disabled_train.__get__(model)
+                for p in model.parameters():
+                    p.requires_grad = False
+            self.cond_stage_model = model
+
+    # ---- stages -----------------------------------------------------------------------
+    def get_learned_conditioning(self, c: Any) -> Any:
+        """Encode raw conditioning (e.g. a list of prompts) with the cond stage."""
+        model = self.cond_stage_model
+        if self.cond_stage_forward is not None:
+            return getattr(model, self.cond_stage_forward)(c)
+        if hasattr(model, "encode") and callable(model.encode):
+            c = model.encode(c)
+            return c.mode() if isinstance(c, DiagonalGaussianDistribution) else c
+        return model(c)
+
+    def encode_first_stage(self, x: torch.Tensor):
+        return self.first_stage_model.encode(x.to(self._first_stage_dtype()))
+
+    def get_first_stage_encoding(self, encoder_posterior: Any, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            z = encoder_posterior.sample(generator)
+        elif isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        else:
+            raise TypeError(f"first stage returned {type(encoder_posterior).__name__}; expected a distribution or tensor")
+        return self.scale_factor * z
+
+    @torch.no_grad()
+    def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False) -> torch.Tensor:
+        z = (1.0 / self.scale_factor) * z
+        return self.first_stage_model.decode(z.to(self._first_stage_dtype()))
+
+    def _first_stage_dtype(self) -> torch.dtype:
+        p = next(self.first_stage_model.parameters(), None)
+        return p.dtype if p is not None else torch.float32
+
+    # ---- conditioning and model call ----------------------------------------------------
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None, return_ids: bool = False):
+        if not isinstance(cond, dict):
+            cond = cond if isinstance(cond, list) else [cond]
+            key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
+            cond = {key: cond}
+        return self.model(x_noisy, t, **cond)
+
+    def drop_conditioning(self, batch: dict) -> dict:
+        """Classifier-free guidance training: per sample, replace ``batch[key]`` by its null value with prob p."""
+        if not self.training or not self.ucg_training:
+            return batch
+        batch = dict(batch)
+        for key, spec in self.ucg_training.items():
+            p, val = float(spec["p"]), spec["val"]
+            drop = (torch.rand(len(batch[key])) < p).tolist()
+            batch[key] = [val if d else v for d, v in zip(drop, batch[key])]
+        return batch
+
+    def get_input(self, batch: dict, k: str, cond_key: Optional[str] = None, bs: Optional[int] = None,
+                  force_c_encode: bool = False, return_first_stage_outputs: bool = False, **kwargs):
+        """(z, c): latents of ``batch[k]`` and the (encoded unless trainable) conditioning."""
+        batch = self.drop_conditioning(batch)
+        x = images_to_bchw(batch[k])[:bs]
+        with torch.no_grad():
+            z = self.get_first_stage_encoding(self.encode_first_stage(x.to(self.device))).detach()
+        c = None
+        if self.model.conditioning_key is not None and not self.force_unconditional():
+            cond_key = cond_key or self.cond_stage_key
+            xc = batch[cond_key] if cond_key not in ("image", k) else x
+            xc = xc[:bs] if bs is not None else xc
+            c = self.get_learned_conditioning(xc) if (not self.cond_stage_trainable or force_c_encode) else xc
+        if return_first_stage_outputs:
+            return [z, c, x, self.decode_first_stage(z)]
+        return [z, c]
+
+    def force_unconditional(self) -> bool:
+        return self.cond_stage_model is None
+
+    def forward(self, x: torch.Tensor, c: Any, *args, **kwargs):
+        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=x.device)
+        if self.model.conditioning_key is not None and self.cond_stage_trainable and c is not None:
+            c = self.get_learned_conditioning(c)
+        return self.p_losses(x, c, t)
+
+    def shared_step(self, batch: dict, **kwargs):
+        x, c = self.get_input(batch, self.first_stage_key)
+        return self(x, c)
+
+
+class LatentInpaintDiffusion(LatentDiffusion):
+    """Inpainting: the UNet also sees the mask and the masked image's latents (9 channels)."""
+
+    def __init__(self, *args, concat_keys: Sequence[str] = ("mask", "masked_image"), masked_image_key: str = "masked_image",
+                 finetune_keys=None, keep_finetune_dims: int = 4, c_concat_log_start=None, c_concat_log_end=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.concat_keys = tuple(concat_keys)
+        self.masked_image_key = masked_image_key
+        if masked_image_key not in self.concat_keys:
+            raise ValueError(f"masked_image_key {masked_image_key!r} must be one of concat_keys {self.concat_keys}")
+
+    def inpaint_conditioning(self, batch: dict, latent_size: Sequence[int]) -> torch.Tensor:
+        """Concatenated channels: the mask resized to latent size and the masked image encoded."""
+        parts = []
+        for key in self.concat_keys:
+            cc = images_to_bchw(batch[key]).to(self.device)
+            if key == self.masked_image_key:
+                cc = self.get_first_stage_encoding(self.encode_first_stage(cc))
+            else:
+                cc = F.interpolate(cc, size=tuple(latent_size))
+            parts.append(cc)
+        return torch.cat(parts, dim=1)
+
+    def get_input(self, batch: dict, k: str, **kwargs):
+        z, c, *rest = super().get_input(batch, k, **kwargs)
+        bs = kwargs.get("bs")
+        sub = {key: batch[key][:bs] for key in self.concat_keys}
+        with torch.no_grad():
+            c_cat = self.inpaint_conditioning(sub, z.shape[-2:])
+        return [z, {"c_concat": [c_cat], "c_crossattn": [c]}, *rest]

@@ -1,0 +1,62 @@
+"""The Lightning training surface of the diffusion models, kept apart from the math.
+
+``DDPM`` mixes this in; it supplies ``shared_step`` (the loss), ``model`` and optional
+``model_ema``. Nothing here is needed to sample.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ldm.util import instantiate_from_config
+
+
+class DiffusionTrainingMixin:
+    learning_rate: float = 1.0e-4
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, loss_dict = self.shared_step(batch)
+        self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True)
+        self.log("global_step", float(self.global_step), prog_bar=False, logger=True, on_step=True, on_epoch=False)
+        return loss
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        _, loss_dict = self.shared_step(batch)
+        self.log_dict(loss_dict, on_step=False, on_epoch=True, sync_dist=True)
+        if getattr(self, "use_ema", False):
+            with self.ema_scope():
+                _, loss_dict_ema = self.shared_step(batch)
+            self.log_dict({f"{k}_ema": v for k, v in loss_dict_ema.items()}, on_step=False, on_epoch=True, sync_dist=True)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # scale_by_std: set the latent scale so the first batch's latents have unit std.
+        if getattr(self, "scale_by_std", False) and self.global_step == 0 and batch_idx == 0 and not getattr(self, "_std_rescaled", False):
+            with torch.no_grad():
+                x = self.get_input(batch, self.first_stage_key)[0] / self.scale_factor
+                self.scale_factor.copy_(1.0 / x.flatten().std())
+            self._std_rescaled = True
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        if getattr(self, "use_ema", False):
+            self.model_ema(self.model)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if getattr(self, "cond_stage_trainable", False) and self.cond_stage_model is not None:
+            params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
+        if getattr(self, "learn_logvar", False):
+            params.append(self.logvar)
+        return params
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+        if not getattr(self, "use_scheduler", False):
+            return optimizer
+        scheduler = instantiate_from_config(self.scheduler_config)
+        lr_lambda = scheduler.schedule if hasattr(scheduler, "schedule") else scheduler
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda), "interval": "step", "frequency": 1},
+        }

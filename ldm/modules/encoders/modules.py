@@ -1,0 +1,254 @@
+"""Conditioning encoders: frozen CLIP / OpenCLIP text encoders and a class embedder.
+
+Both text encoders are built from architecture tables only (never downloading weights), so the
+real weights come from an SD checkpoint's ``cond_stage_model.*`` entries. Their state-dict layouts
+match the CompVis (SD 1.x) and Stability (SD 2.x) code exactly so those checkpoints load as-is.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import open_clip
+import torch
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ldm.modules.encoders.tokenizer import CLIPTokenizer
+
+
+class AbstractEncoder(nn.Module):
+    """Base class for conditioning encoders."""
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    """Device of the first parameter (inputs must follow the weights, wherever they were moved)."""
+    return next(module.parameters()).device
+
+
+def _freeze(module: nn.Module) -> None:
+    module.eval()
+    for param in module.parameters():
+        param.requires_grad = False
+
+
+# Architecture of the text towers of the known OpenAI CLIP releases; the ids match the tokenizer.
+_CLIP_TEXT_BASE: dict[str, Any] = dict(
+    vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    bos_token_id=CLIPTokenizer.bos_id, eos_token_id=CLIPTokenizer.eos_id, pad_token_id=CLIPTokenizer.eos_id,
+)
+KNOWN_CLIP_TEXT_CONFIGS: dict[str, dict[str, Any]] = {
+    "openai/clip-vit-large-patch14": dict(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
+    ),
+    "openai/clip-vit-base-patch32": dict(
+        hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8, projection_dim=512,
+    ),
+}
+
+
+class _HFTextTransformer(nn.Module):
+    """Holds the HF CLIP text tower as ``.text_model`` so keys read ``transformer.text_model.*``.
+
+    transformers 4.x nests the tower at ``CLIPTextModel.text_model``; 5.x flattened it into
+    ``CLIPTextModel`` itself. Either way only the tower is kept, so no parameter is built twice.
+    """
+
+    def __init__(self, config: CLIPTextConfig) -> None:
+        super().__init__()
+        model = CLIPTextModel(config)
+        self.text_model = getattr(model, "text_model", model)
+        self.config = config
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        return self.text_model(input_ids=input_ids, **kwargs)
+
+
+class FrozenCLIPEmbedder(AbstractEncoder):
+    """OpenAI CLIP text encoder (SD 1.x; SD 2.x-style ``layer`` selection) returning token features."""
+
+    LAYERS = ("last", "pooled", "hidden", "penultimate")
+
+    def __init__(
+        self,
+        version: str = "openai/clip-vit-large-patch14",
+        device: Any = None,
+        max_length: int = 77,
+        freeze: bool = True,
+        layer: str = "last",
+        layer_idx: int | None = None,
+        text_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        del device  # kept for config compatibility; inputs follow the parameters' device instead
+        if layer not in self.LAYERS:
+            raise ValueError(f"FrozenCLIPEmbedder: layer must be one of {self.LAYERS}, got {layer!r}")
+        if version not in KNOWN_CLIP_TEXT_CONFIGS and text_config is None:
+            raise ValueError(
+                f"FrozenCLIPEmbedder: unknown version {version!r}; known: {sorted(KNOWN_CLIP_TEXT_CONFIGS)}, "
+                "or pass text_config={...CLIPTextConfig fields, e.g. hidden_size, num_hidden_layers...}"
+            )
+        fields = {**_CLIP_TEXT_BASE, **KNOWN_CLIP_TEXT_CONFIGS.get(version, {}), **(text_config or {})}
+        config = CLIPTextConfig(**fields)
+        if max_length > config.max_position_embeddings:
+            raise ValueError(
+                f"FrozenCLIPEmbedder: max_length={max_length} exceeds the model's "
+                f"{config.max_position_embeddings} positions; use max_length<={config.max_position_embeddings}"
+            )
+        if layer == "penultimate":  # clip-skip 2 shorthand
+            layer, layer_idx = "hidden", -2
+        if layer == "hidden":
+            # hidden_states holds the embeddings plus one entry per layer: num_layers + 1 items.
+            n = config.num_hidden_layers
+            if not isinstance(layer_idx, int) or not -(n + 1) <= layer_idx <= n:
+                raise ValueError(
+                    f"FrozenCLIPEmbedder: layer='hidden' needs an int layer_idx in [{-(n + 1)}, {n}] "
+                    f"(index into hidden_states), got {layer_idx!r}"
+                )
+        self.version = version
+        self.max_length = max_length
+        self.layer = layer
+        self.layer_idx = layer_idx
+        self.tokenizer = CLIPTokenizer(max_length, pad_with_eos=True)
+        self.transformer = _HFTextTransformer(config)
+        if freeze:
+            self.freeze()
+
+    @property
+    def device(self) -> torch.device:
+        return _module_device(self)
+
+    def freeze(self) -> None:
+        """Eval mode and no gradients for every parameter."""
+        _freeze(self)
+
+    def tokenize(self, text: str | Sequence[str]) -> torch.LongTensor:
+        return self.tokenizer(text)
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Features for already tokenized ``[B, max_length]`` ids."""
+        out = self.transformer(input_ids=tokens.to(self.device), output_hidden_states=self.layer == "hidden")
+        if self.layer == "last":
+            return out.last_hidden_state
+        if self.layer == "pooled":
+            return out.pooler_output[:, None, :]
+        return out.hidden_states[self.layer_idx]  # no final layer norm, as in Stability's SD 2 code
+
+    def forward(self, text: str | Sequence[str]) -> torch.Tensor:
+        """``[B, max_length, width]`` features (``[B, 1, width]`` for ``layer='pooled'``)."""
+        return self.encode_tokens(self.tokenize(text))
+
+    def encode(self, text: str | Sequence[str]) -> torch.Tensor:
+        return self(text)
+
+
+# open_clip always builds the image tower too; it is deleted right away, so build a minimal
+# one instead of e.g. ViT-H's 630M parameters. Text weights are unaffected.
+_TINY_VISION_CFG: dict[str, Any] = dict(image_size=14, patch_size=14, layers=1, width=64, head_width=64)
+
+
+class FrozenOpenCLIPEmbedder(AbstractEncoder):
+    """OpenCLIP text encoder as used by SD 2.x (keys ``model.*``, text tower only)."""
+
+    LAYERS = ("last", "penultimate")
+
+    def __init__(
+        self,
+        arch: str = "ViT-H-14",
+        version: str = "laion2b_s32b_b79k",
+        device: Any = None,
+        max_length: int = 77,
+        freeze: bool = True,
+        layer: str = "last",
+        model_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        del device  # kept for config compatibility; inputs follow the parameters' device instead
+        if layer not in self.LAYERS:
+            raise ValueError(f"FrozenOpenCLIPEmbedder: layer must be one of {self.LAYERS}, got {layer!r}")
+        # model_config entries (embed_dim, text_cfg, vision_cfg, ...) replace the arch's whole entries.
+        overrides = {"vision_cfg": _TINY_VISION_CFG, **(model_config or {})}
+        # pretrained=None: never download; ``version`` is recorded only. Build on the ambient default
+        # device so a ``with torch.device("meta")`` block yields a meta model without materialising.
+        model = open_clip.create_model(arch, pretrained=None, device=torch.get_default_device(), **overrides)
+        del model.visual
+        self.model = model
+        if max_length > model.positional_embedding.shape[0]:
+            raise ValueError(
+                f"FrozenOpenCLIPEmbedder: max_length={max_length} exceeds the model's "
+                f"{model.positional_embedding.shape[0]} positions; lower max_length"
+            )
+        self.arch, self.version = arch, version
+        self.max_length = max_length
+        self.layer = layer
+        self.layer_idx = self.LAYERS.index(layer)  # number of final resblocks to skip
+        self.tokenizer = CLIPTokenizer(max_length, pad_with_eos=False)
+        if freeze:
+            self.freeze()
+
+    @property
+    def device(self) -> torch.device:
+        return _module_device(self)
+
+    def freeze(self) -> None:
+        """Eval mode and no gradients for every parameter."""
+        _freeze(self)
+
+    def tokenize(self, text: str | Sequence[str]) -> torch.LongTensor:
+        return self.tokenizer(text)
+
+    def text_transformer_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run all resblocks except the last ``layer_idx`` ones (x in the transformer's own layout)."""
+        blocks = self.model.transformer.resblocks
+        for block in blocks[: len(blocks) - self.layer_idx]:
+            x = block(x, attn_mask=attn_mask)
+        return x
+
+    def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, L, width]`` features for ``[B, L]`` token ids."""
+        m = self.model
+        n = tokens.shape[1]
+        x = m.token_embedding(tokens) + m.positional_embedding[:n]
+        # Older open_clip transformers are sequence-first; newer ones batch-first.
+        batch_first = getattr(m.transformer, "batch_first", False)
+        if not batch_first:
+            x = x.permute(1, 0, 2)
+        attn_mask = m.attn_mask[:n, :n] if m.attn_mask is not None else None
+        x = self.text_transformer_forward(x, attn_mask=attn_mask)
+        if not batch_first:
+            x = x.permute(1, 0, 2)
+        return m.ln_final(x)
+
+    def forward(self, text: str | Sequence[str]) -> torch.Tensor:
+        return self.encode_with_transformer(self.tokenize(text).to(self.device))
+
+    def encode(self, text: str | Sequence[str]) -> torch.Tensor:
+        return self(text)
+
+
+class ClassEmbedder(nn.Module):
+    """Class-label embedding for class-conditional models; the last class is the "null" class."""
+
+    def __init__(self, embed_dim: int, n_classes: int = 1000, key: str = "class", ucg_rate: float = 0.1) -> None:
+        super().__init__()
+        self.key = key
+        self.n_classes = n_classes
+        self.ucg_rate = ucg_rate
+        self.embedding = nn.Embedding(n_classes, embed_dim)
+
+    def forward(self, batch: dict[str, torch.Tensor], key: str | None = None,
+                disable_dropout: bool = False) -> torch.Tensor:
+        """``[B, 1, embed_dim]`` embeddings of ``batch[key]``."""
+        c = batch[key or self.key].to(self.embedding.weight.device).long()
+        if self.training and self.ucg_rate > 0 and not disable_dropout:
+            # Unconditional-guidance dropout: swap a random subset to the null class.
+            drop = torch.rand(c.shape, device=c.device) < self.ucg_rate
+            c = torch.where(drop, torch.full_like(c, self.n_classes - 1), c)
+        return self.embedding(c[:, None])
+
+    def get_unconditional_conditioning(self, bs: int, device: Any = None) -> dict[str, torch.Tensor]:
+        """A batch dict of ``bs`` null-class labels, ready for :meth:`forward`."""
+        device = self.embedding.weight.device if device is None else device
+        return {self.key: torch.full((bs,), self.n_classes - 1, dtype=torch.long, device=device)}
