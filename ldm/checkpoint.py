@@ -189,6 +189,23 @@ def _grouped(keys: Iterable[str], limit: int = 8) -> list[str]:
     return lines
 
 
+def _raise_on_mismatch(model: nn.Module, missing: list[str], unexpected: list[str], shapes: list[str], strict: bool) -> None:
+    if not shapes and not (strict and (missing or unexpected)):
+        return
+    counts = ", ".join(f"{n} {what}" for n, what in [(len(missing), "missing"), (len(unexpected), "unexpected"),
+                                                      (len(shapes), "shape mismatches")] if n)
+    lines = [f"checkpoint does not match {type(model).__name__} ({counts}); use the matching config/file, "
+             "or pass ignore_keys / strict=False if this is intended"]
+    if strict and missing:
+        lines += [f"  missing from file ({len(missing)}):", *_grouped(missing)]
+    if strict and unexpected:
+        lines += [f"  unexpected in file ({len(unexpected)}):", *_grouped(unexpected)]
+    if shapes:
+        lines += [f"  shape mismatches ({len(shapes)}):", *(f"    {s}" for s in shapes[:5])]
+        lines += [f"    ... and {len(shapes) - 5} more"] if len(shapes) > 5 else []
+    raise CheckpointError("\n".join(lines))
+
+
 def load_into_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True,
                     dtype: torch.dtype | None = None, ignore_keys: Iterable[str] = (),
                     optional_keys: Iterable[str] = ()) -> None:
@@ -205,19 +222,7 @@ def load_into_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
     unexpected = [k for k in sd if k not in expected]
     shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
               for k, v in sd.items() if k in expected and v.shape != expected[k].shape]
-    if shapes or (strict and (missing or unexpected)):
-        counts = ", ".join(f"{n} {what}" for n, what in [(len(missing), "missing"), (len(unexpected), "unexpected"),
-                                                          (len(shapes), "shape mismatches")] if n)
-        lines = [f"checkpoint does not match {type(model).__name__} ({counts}); use the matching config/file, "
-                 "or pass ignore_keys / strict=False if this is intended"]
-        if strict and missing:
-            lines += [f"  missing from file ({len(missing)}):", *_grouped(missing)]
-        if strict and unexpected:
-            lines += [f"  unexpected in file ({len(unexpected)}):", *_grouped(unexpected)]
-        if shapes:
-            lines += [f"  shape mismatches ({len(shapes)}):", *(f"    {s}" for s in shapes[:5])]
-            lines += [f"    ... and {len(shapes) - 5} more"] if len(shapes) > 5 else []
-        raise CheckpointError("\n".join(lines))
+    _raise_on_mismatch(model, missing, unexpected, shapes, strict)
     for k, v in list(sd.items()):
         ref = expected.get(k)
         to_dtype = (dtype or (ref.dtype if ref is not None and ref.is_floating_point() else v.dtype)) if v.is_floating_point() else v.dtype
@@ -225,7 +230,10 @@ def load_into_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
         if v.dtype != to_dtype or v.device != to_device:
             sd[k] = v.to(device=to_device, dtype=to_dtype)
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.load_state_dict(sd, strict=strict, assign=True)
+    # torch's own strict check would reject optional keys; ours ran above, re-check what it reports.
+    result = model.load_state_dict(sd, strict=False, assign=True)
+    _raise_on_mismatch(model, [k for k in result.missing_keys if not _matches(k, optional + ignore)],
+                       result.unexpected_keys, [], strict)
     for n, p in model.named_parameters():
         p.requires_grad_(grads.get(n, p.requires_grad))  # assign=True must not change trainability
     _check_materialised(model)
