@@ -39,9 +39,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, written or loaded; the message says how to fix it."""
 
 
-def _first_line(err: BaseException) -> str:
+def _first_line(err: BaseException, limit: int = 120) -> str:
+    """The error's first sentence, short: library messages run on for paragraphs."""
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+    first = text[0].split(". ")[0].rstrip(".") if text else ""
+    first = first if len(first) <= limit else first[: limit - 3] + "..."
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 def _sniff(path: Path) -> str | None:
@@ -66,8 +69,12 @@ def _check_file(path: str | os.PathLike) -> tuple[Path, str]:
     if p.is_dir():
         raise CheckpointError(f"{p} is a directory, not a checkpoint file; pass the .safetensors/.ckpt file inside it")
     if p.stat().st_size == 0:
-        raise CheckpointError(f"{p} is empty (0 bytes), probably an interrupted download or save; re-download or re-save it")
-    kind = _sniff(p)
+        raise CheckpointError(f"{p} is empty (0 bytes), probably an interrupted download or save; "
+                              "re-download or re-save it")
+    try:
+        kind = _sniff(p)
+    except OSError as err:
+        raise CheckpointError(f"cannot read {p} ({_first_line(err)}); check its permissions") from None
     if kind is None:
         suffix = p.suffix.lower()
         if suffix == ".safetensors":
@@ -92,9 +99,19 @@ def _torch_load(p: Path, kind: str, device: str | torch.device, allow_unsafe_pic
             raise CheckpointError(
                 f"{p} needs full unpickling{what}, which can run arbitrary code; re-run with "
                 "allow_unsafe_pickle=True (--unsafe-pickle) only if you trust this file") from None
-        raise CheckpointError(f"{p} is corrupt or truncated ({_first_line(err)}); re-download or re-save it") from None
+        # Keep only the line that says what is wrong, e.g. "Unsupported operand 209".
+        detail = next((ln.strip() for ln in str(err).splitlines() if _CORRUPT_PICKLE.search(ln)), "")
+        raise CheckpointError(f"{p} is corrupt or truncated ({detail[:120] or _first_line(err)}); "
+                              "re-download or re-save it") from None
+    except (ImportError, AttributeError) as err:  # only reachable with full unpickling
+        raise CheckpointError(f"{p} pickles objects whose code is not installed ({_first_line(err)}); "
+                              "install that package, or use a .safetensors version of the file") from None
     except Exception as err:  # zip/EOF/OS errors from a damaged file, or anything an unsafe pickle raises
         raise CheckpointError(f"{p} is corrupt or truncated ({_first_line(err)}); re-download or re-save it") from None
+
+
+def _bad_safetensors(p: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(f"{p} is not a valid safetensors file ({_first_line(err)}); re-download or re-save it")
 
 
 def _unwrap(obj: Any) -> Any:
@@ -106,8 +123,8 @@ def _unwrap(obj: Any) -> Any:
             return obj
         for key in _WRAPPER_KEYS:
             inner = obj.get(key)
-            if isinstance(inner, nn.Module) or (
-                    isinstance(inner, Mapping) and (key == "state_dict" or any(isinstance(v, torch.Tensor) for v in inner.values()))):
+            holds_tensors = isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values())
+            if isinstance(inner, nn.Module) or holds_tensors or (key == "state_dict" and isinstance(inner, Mapping)):
                 obj = inner
                 break
         else:
@@ -122,14 +139,15 @@ def read_state_dict(path: str | os.PathLike, *, device: str | torch.device = "cp
     if kind == "safetensors":
         try:
             with safe_open(p, framework="pt", device=str(device)) as f:
-                raw: Any = {k: f.get_tensor(k) for k in f.keys()}
+                raw: Any = {k: f.get_tensor(k).clone() for k in f.keys()}
         except Exception as err:
-            raise CheckpointError(f"{p} is not a valid safetensors file ({_first_line(err)}); re-download or re-save it") from None
+            raise _bad_safetensors(p, err) from None
     else:
         raw = _unwrap(_torch_load(p, kind, device, allow_unsafe_pickle))
-    sd = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} if isinstance(raw, Mapping) else {}
+    is_map = isinstance(raw, Mapping)
+    sd = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} if is_map else {}
     if not sd:
-        found = f"top-level keys: {', '.join(map(str, list(raw)[:6]))}" if isinstance(raw, Mapping) and raw else f"a {type(raw).__name__}"
+        found = f"top-level keys: {', '.join(map(str, list(raw)[:6]))}" if is_map and raw else f"a {type(raw).__name__}"
         raise CheckpointError(f"{p} contains no tensors ({found}); it is not a model checkpoint, pass the weights file")
     return sd
 
@@ -142,14 +160,15 @@ def checkpoint_metadata(path: str | os.PathLike, *, allow_unsafe_pickle: bool = 
             with safe_open(p, framework="pt") as f:
                 return dict(f.metadata() or {})
         except Exception as err:
-            raise CheckpointError(f"{p} is not a valid safetensors file ({_first_line(err)}); re-download or re-save it") from None
+            raise _bad_safetensors(p, err) from None
     obj = _torch_load(p, kind, "cpu", allow_unsafe_pickle)
     if not isinstance(obj, Mapping):
         return {}
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, (int, float, str, bool))}
 
 
-def split_ema(state_dict: Mapping[str, torch.Tensor], model_param_names: Iterable[str], use_ema: bool) -> dict[str, torch.Tensor]:
+def split_ema(state_dict: Mapping[str, torch.Tensor], model_param_names: Iterable[str],
+              use_ema: bool) -> dict[str, torch.Tensor]:
     """Resolve CompVis' ``LitEma`` layout: EMA values replace ``model.*`` weights if ``use_ema``.
 
     ``LitEma`` names each buffer ``model_ema.`` + the parameter's path inside ``model`` without dots.
@@ -165,7 +184,8 @@ def split_ema(state_dict: Mapping[str, torch.Tensor], model_param_names: Iterabl
             out[name] = shadow
             found += 1
     if not found:
-        why = "has no model_ema.* keys" if not set(ema) - {"decay", "num_updates"} else "has model_ema.* keys matching none of the model's parameters"
+        why = ("has no model_ema.* keys" if not set(ema) - {"decay", "num_updates"}
+               else "has model_ema.* keys matching none of the model's parameters")
         raise CheckpointError(f"checkpoint {why} (no EMA weights); load it with use_ema=False")
     return out
 
@@ -189,7 +209,8 @@ def _grouped(keys: Iterable[str], limit: int = 8) -> list[str]:
     return lines
 
 
-def _raise_on_mismatch(model: nn.Module, missing: list[str], unexpected: list[str], shapes: list[str], strict: bool) -> None:
+def _raise_on_mismatch(model: nn.Module, missing: list[str], unexpected: list[str], shapes: list[str],
+                       strict: bool) -> None:
     if not shapes and not (strict and (missing or unexpected)):
         return
     counts = ", ".join(f"{n} {what}" for n, what in [(len(missing), "missing"), (len(unexpected), "unexpected"),
@@ -225,7 +246,10 @@ def load_into_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
     _raise_on_mismatch(model, missing, unexpected, shapes, strict)
     for k, v in list(sd.items()):
         ref = expected.get(k)
-        to_dtype = (dtype or (ref.dtype if ref is not None and ref.is_floating_point() else v.dtype)) if v.is_floating_point() else v.dtype
+        to_dtype = v.dtype
+        if v.is_floating_point():
+            own = ref.dtype if ref is not None and ref.is_floating_point() else v.dtype
+            to_dtype = dtype if dtype is not None else own
         to_device = ref.device if ref is not None and ref.device.type != "meta" else v.device
         if v.dtype != to_dtype or v.device != to_device:
             sd[k] = v.to(device=to_device, dtype=to_dtype)
@@ -253,8 +277,9 @@ def _check_materialised(model: nn.Module) -> None:
         parts.append(f"{len(still_meta)} tensors got no value from the checkpoint ({', '.join(still_meta[:5])}"
                      f"{', ...' if len(still_meta) > 5 else ''}); load with strict=True to see why")
     if non_persistent:
-        parts.append(f"non-persistent buffers {', '.join(non_persistent[:8])}{', ...' if len(non_persistent) > 8 else ''} "
-                     "are not in checkpoints, so build the model under empty_init() (buffers on CPU), not torch.device('meta')")
+        more = ", ..." if len(non_persistent) > 8 else ""
+        parts.append(f"non-persistent buffers {', '.join(non_persistent[:8])}{more} are not in checkpoints, so build "
+                     "the model under empty_init() (buffers on CPU), not torch.device('meta')")
     raise CheckpointError("model still has meta tensors after loading: " + "; ".join(parts))
 
 
@@ -266,7 +291,8 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
     seen: set[tuple[torch.device, int]] = set()
     for k, v in state_dict.items():
         if v.is_meta:
-            raise CheckpointError(f"cannot save {p}: tensor {k!r} is on the meta device (never loaded); load the weights first")
+            raise CheckpointError(f"cannot save {p}: tensor {k!r} is on the meta device (never loaded); "
+                                  "load the weights first")
         v = v.detach().to("cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
         storage = (v.device, v.untyped_storage().data_ptr())
         if storage in seen and v.numel():
@@ -286,10 +312,17 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())  # data on disk before the rename makes it visible
         os.replace(tmp, p)
+        with contextlib.suppress(OSError):  # persist the rename too; not every filesystem allows this
+            fd = os.open(p.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, Exception):
-            raise CheckpointError(f"could not save {p} ({_first_line(err)}); the previous file, if any, is unchanged") from err
+            raise CheckpointError(f"could not save {p} ({_first_line(err)}); "
+                                  "the previous file, if any, is unchanged") from err
         raise
 
 

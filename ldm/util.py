@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Iterable, Mapping
 
+from omegaconf import OmegaConf
+
 _ALLOWED_PREFIXES: list[str] = ["ldm.", "torch."]
 
 
@@ -70,7 +72,10 @@ def instantiate_from_config(config: Mapping[str, Any], **extra_params: Any) -> A
         raise ConfigError(f"expected a mapping with a 'target' key, got {type(config).__name__}")
     if "target" not in config:
         raise ConfigError(f"config has no 'target' key (keys: {sorted(config.keys())}); add 'target: package.module.Class'")
-    params = dict(config.get("params", None) or {})
+    params = config.get("params", None) or {}
+    if OmegaConf.is_config(params):  # libraries get plain dicts/lists, not OmegaConf nodes
+        params = OmegaConf.to_container(params, resolve=True)
+    params = dict(params)
     params.update(extra_params)
     return get_obj_from_str(config["target"])(**params)
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import psutil
@@ -332,6 +333,19 @@ def test_code_carrying_pickle_needs_opt_in(tmp_path: Path) -> None:
     assert not marker.exists()
     assert_same(read_state_dict(path, allow_unsafe_pickle=True), make_source().state_dict())
     assert marker.read_text() == "pwned"
+
+
+def test_unsafe_pickle_of_uninstalled_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gone = types.ModuleType("gone_pkg")
+    gone.Config = type("Config", (), {"__module__": "gone_pkg"})
+    monkeypatch.setitem(sys.modules, "gone_pkg", gone)
+    torch.save({"state_dict": make_source().state_dict(), "hparams": gone.Config()}, tmp_path / "h.ckpt")
+    monkeypatch.delitem(sys.modules, "gone_pkg")
+    with pytest.raises(CheckpointError, match=r"references gone_pkg\.Config"):
+        read_state_dict(tmp_path / "h.ckpt")
+    with pytest.raises(CheckpointError) as err:
+        read_state_dict(tmp_path / "h.ckpt", allow_unsafe_pickle=True)
+    assert "not installed" in one_line(err) and "gone_pkg" in str(err.value)
 
 
 # --- atomic save -------------------------------------------------------------------------------

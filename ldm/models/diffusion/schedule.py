@@ -61,7 +61,7 @@ def vlb_weights(tables: dict[str, np.ndarray], parameterization: str) -> np.ndar
     betas, ac = tables["betas"], tables["alphas_cumprod"]
     if parameterization == "eps":
         with np.errstate(divide="ignore"):  # t=0 has zero posterior variance; replaced below
-                w = betas**2 / (2 * tables["posterior_variance"] * (1 - betas) * (1 - ac))
+            w = betas**2 / (2 * tables["posterior_variance"] * (1 - betas) * (1 - ac))
     elif parameterization == "x0":
         w = 0.5 * np.sqrt(ac) / (2.0 * (1 - ac))
     elif parameterization == "v":
