@@ -139,7 +139,7 @@ def read_state_dict(path: str | os.PathLike, *, device: str | torch.device = "cp
     if kind == "safetensors":
         try:
             with safe_open(p, framework="pt", device=str(device)) as f:
-                raw: Any = {k: f.get_tensor(k).clone() for k in f.keys()}
+                raw: Any = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:
             raise _bad_safetensors(p, err) from None
     else:
