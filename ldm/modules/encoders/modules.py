@@ -6,6 +6,8 @@ match the CompVis (SD 1.x) and Stability (SD 2.x) code exactly so those checkpoi
 """
 from __future__ import annotations
 
+import copy
+
 from typing import Any, Sequence
 
 import open_clip
@@ -170,9 +172,15 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
             raise ValueError(f"FrozenOpenCLIPEmbedder: layer must be one of {self.LAYERS}, got {layer!r}")
         # model_config entries (embed_dim, text_cfg, vision_cfg, ...) replace the arch's whole entries.
         overrides = {"vision_cfg": _TINY_VISION_CFG, **(model_config or {})}
-        # pretrained=None: never download; ``version`` is recorded only. Build on the ambient default
-        # device so a ``with torch.device("meta")`` block yields a meta model without materialising.
-        model = open_clip.create_model(arch, pretrained=None, device=torch.get_default_device(), **overrides)
+        # Build the architecture class directly: never downloads (``version`` is recorded only) and,
+        # unlike create_model, never moves the model, so meta / empty_init builds stay unmaterialised.
+        base = open_clip.get_model_config(arch)
+        if base is None:
+            raise ValueError(f"FrozenOpenCLIPEmbedder: unknown open_clip arch {arch!r}; use e.g. 'ViT-H-14' or 'ViT-bigG-14'")
+        cfg = {**copy.deepcopy(base), **overrides}
+        if cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {}):
+            raise ValueError(f"FrozenOpenCLIPEmbedder: arch {arch!r} has a custom text tower; use a standard CLIP arch")
+        model = open_clip.CLIP(**cfg)
         del model.visual
         self.model = model
         if max_length > model.positional_embedding.shape[0]:

@@ -1,0 +1,124 @@
+"""Load a ready model from (config, checkpoint) in one call, and save one back.
+
+    model = load_model("configs/stable-diffusion/v1-inference.yaml", "v1-5-pruned-emaonly.safetensors")
+
+The model is built with parameters on the meta device (no memory, no init time) and the
+checkpoint's tensors are assigned in place, so peak memory stays near one copy of the weights.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.checkpoint import CheckpointError, empty_init, load_into_model, read_state_dict, save_state_dict, split_ema
+from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
+
+ConfigLike = Union[str, os.PathLike, Mapping[str, Any], DictConfig]
+
+# Keys official files may carry that current libraries do not register (see shared/reference).
+OPTIONAL_KEYS = ("*.embeddings.position_ids", "denoiser.sigmas")
+
+
+def load_config(config: ConfigLike) -> DictConfig:
+    """The ``model`` node of a config file or mapping (a bare ``target``/``params`` node is accepted)."""
+    if isinstance(config, (str, os.PathLike)):
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found; pass the model YAML, e.g. configs/stable-diffusion/v1-inference.yaml")
+        try:
+            cfg = OmegaConf.load(path)
+        except Exception as err:  # YAML syntax errors carry multi-line messages
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    else:
+        cfg = OmegaConf.create(dict(config) if not isinstance(config, DictConfig) else config)
+    node = cfg.get("model", cfg)
+    if "target" not in node:
+        raise ConfigError("config has neither a 'model' section nor a 'target' key; use a CompVis-style model YAML")
+    return node
+
+
+def build_model(config: ConfigLike, *, empty: bool = False, **param_overrides: Any) -> torch.nn.Module:
+    """Instantiate the model of a config; ``empty=True`` puts parameters on the meta device."""
+    node = load_config(config).copy()
+    for key, value in param_overrides.items():
+        node.params[key] = value
+    if empty:
+        with empty_init():
+            return instantiate_from_config(node)
+    return instantiate_from_config(node)
+
+
+def load_model(
+    config: ConfigLike,
+    ckpt: Optional[Union[str, os.PathLike]] = None,
+    *,
+    device: Union[str, torch.device] = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    use_ema: bool = False,
+    strict: bool = True,
+    allow_unsafe_pickle: bool = False,
+) -> torch.nn.Module:
+    """Build the config's model and load ``ckpt`` into it (strict key match), ready for inference.
+
+    ``use_ema`` picks the EMA weights (``model_ema.*``) of a file that has them; the default uses the
+    raw ``model.*`` weights, as the CompVis scripts do. ``dtype`` converts floating weights.
+    Without ``ckpt`` the model keeps its random initialisation.
+    """
+    # Inference builds never carry an EMA copy; EMA weights are chosen from the file instead.
+    node = load_config(config).copy()
+    overrides: dict[str, Any] = {"use_ema": False} if _has_ema_option(node) else {}
+    node.params.pop("ckpt_path", None)
+    if ckpt is None:
+        model = build_model(node, **overrides)
+        if dtype is not None:
+            model = model.to(dtype)
+    else:
+        state = read_state_dict(ckpt, allow_unsafe_pickle=allow_unsafe_pickle)
+        model = build_model(node, empty=True, **overrides)
+        names = [f"model.{n}" for n, _ in model.model.named_parameters()] if hasattr(model, "model") else []
+        state = split_ema(state, names, use_ema)
+        try:
+            load_into_model(model, state, strict=strict, dtype=dtype, optional_keys=OPTIONAL_KEYS)
+        except CheckpointError as err:
+            looks = guess_architecture({k: tuple(v.shape) for k, v in state.items()})
+            raise CheckpointError(f"{ckpt} (looks like {looks}) does not fit config {_describe(config)}: {err}") from None
+    return model.to(device).eval()
+
+
+def save_model(model: torch.nn.Module, path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None,
+               include_ema: bool = True, metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Write the model's state dict (CompVis keys) atomically; ``.safetensors`` unless the name ends in ``.ckpt``."""
+    state = model.state_dict()
+    if not include_ema:
+        state = {k: v for k, v in state.items() if not k.startswith("model_ema.")}
+    save_state_dict(state, path, metadata=dict(metadata or {}), dtype=dtype)
+
+
+def guess_architecture(shapes: Mapping[str, tuple]) -> str:
+    """A human label for a CompVis-layout state dict, from its key names and first conv."""
+    first = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
+    inpaint = " inpainting" if first is not None and len(first) > 1 and first[1] == 9 else ""
+    if any(k.startswith("cond_stage_model.transformer.") for k in shapes):
+        return "SD 1.x" + inpaint
+    if any(k.startswith("cond_stage_model.model.") for k in shapes):
+        return "SD 2.x" + inpaint
+    if any(k.startswith("conditioner.embedders.") for k in shapes):
+        return "SDXL"
+    if any(k.startswith("encoder.down.") for k in shapes):
+        return "a standalone autoencoder"
+    return "an unknown architecture"
+
+
+def _has_ema_option(node: DictConfig) -> bool:
+    from ldm.models.diffusion.ddpm import DDPM
+
+    cls = get_obj_from_str(node.target)
+    return isinstance(cls, type) and issubclass(cls, DDPM)
+
+
+def _describe(config: ConfigLike) -> str:
+    return repr(str(config)) if isinstance(config, (str, os.PathLike)) else load_config(config).target
