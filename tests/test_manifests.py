@@ -56,3 +56,24 @@ def test_meta_build_matches_manifest(reference_dir, config_name, overrides, mani
     assert numel(model.cond_stage_model) == text
     assert numel(model) == total
     assert all(t.is_meta for t in model.state_dict().values()), "meta build materialised a tensor"
+
+
+SDXL_UNETS = {
+    "sdxl-base": dict(model_channels=320, channel_mult=[1, 2, 4], transformer_depth=[0, 2, 10], context_dim=2048, adm_in_channels=2816),
+    "sdxl-refiner": dict(model_channels=384, channel_mult=[1, 2, 4, 4], transformer_depth=4, context_dim=[1280] * 4, adm_in_channels=2560),
+}
+
+
+@pytest.mark.parametrize("manifest", sorted(SDXL_UNETS))
+def test_sdxl_unet_part_matches_manifest(reference_dir, manifest):
+    """The same UNetModel covers SDXL's (vector conditioning through label_emb, per-level depth)."""
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    with torch.device("meta"):
+        unet = UNetModel(image_size=32, in_channels=4, out_channels=4, num_res_blocks=2, attention_resolutions=[4, 2],
+                         num_head_channels=64, use_linear_in_transformer=True, num_classes="sequential",
+                         use_spatial_transformer=True, legacy=False, **SDXL_UNETS[manifest])
+    prefix = "model.diffusion_model."
+    expected = {k[len(prefix):]: v[0] for k, v in read_manifest(reference_dir / f"{manifest}.tsv").items() if k.startswith(prefix)}
+    got = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    assert got == expected
