@@ -1,5 +1,4 @@
 """One-call loading of CompVis-layout checkpoints written by the test, and the CLI's error lines."""
-import pickle
 import subprocess
 import sys
 from pathlib import Path

@@ -29,7 +29,7 @@ def test_posterior_is_the_bayes_posterior():
     """q(x_{t-1} | x_t, x_0): mean coefficients and variance from the Gaussian product formula."""
     tab = sched.schedule_tables("linear", 1000, 0.00085, 0.012)
     for t in (1, 10, 500, 999):
-        a_t, ab_t, ab_prev = 1 - tab["betas"][t], tab["alphas_cumprod"][t], tab["alphas_cumprod"][t - 1]
+        a_t, _ab_t, ab_prev = 1 - tab["betas"][t], tab["alphas_cumprod"][t], tab["alphas_cumprod"][t - 1]
         # Precision-weighted combination of N(x_t/sqrt(a_t), (1-a_t)/a_t) and N(sqrt(ab_prev) x0, 1-ab_prev).
         prec = a_t / (1 - a_t) + 1 / (1 - ab_prev)
         var = 1 / prec

@@ -10,7 +10,7 @@ import open_clip
 import pytest
 import torch
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
 from ldm.modules.encoders.modules import ClassEmbedder, FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
 from ldm.modules.encoders.tokenizer import CLIPTokenizer

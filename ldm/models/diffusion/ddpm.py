@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
