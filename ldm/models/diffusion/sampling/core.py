@@ -1,0 +1,149 @@
+"""The sampling driver: pick a solver and a discretization, add guidance and masks, run.
+
+    latents = sample(model, cond, uncond=uc, guidance_scale=7.5, sampler="dpmpp_2m", steps=20,
+                     shape=(4, 64, 64), seeds=[42, 43])
+    images = model.decode_first_stage(latents)
+
+Every image of a batch draws its noise from its own seeded CPU generator, so an image depends
+only on its seed (not on its batch neighbours) and is the same on any device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ldm.models.diffusion.sampling import solvers
+from ldm.models.diffusion.sampling.denoiser import DiscreteDenoiser
+from ldm.models.diffusion.sampling.discretization import get_sigmas
+from ldm.models.diffusion.sampling.guidance import CFGDenoiser, MaskedDenoiser
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    fn: Callable
+    discretization: str
+    final: str = "zero"  # "t0": end at alpha_bar[0] like CompVis DDIM/PLMS
+    options: dict = field(default_factory=dict)
+    stochastic: bool = False
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ddim": SamplerSpec(solvers.sample_ancestral, "uniform", "t0", {"eta": 0.0}),
+    "plms": SamplerSpec(solvers.sample_plms, "uniform", "t0"),
+    "ddpm": SamplerSpec(solvers.sample_ancestral, "trailing", "zero", {"eta": 1.0}, stochastic=True),
+    "euler": SamplerSpec(solvers.sample_euler, "karras"),
+    "euler_a": SamplerSpec(solvers.sample_ancestral, "karras", "zero", {"eta": 1.0}, stochastic=True),
+    "heun": SamplerSpec(solvers.sample_heun, "karras"),
+    "dpmpp_2m": SamplerSpec(solvers.sample_dpmpp_2m, "karras"),
+    "dpmpp_2m_sde": SamplerSpec(solvers.sample_dpmpp_2m_sde, "karras", "zero", {"eta": 1.0}, stochastic=True),
+}
+
+
+def sampler_names() -> list[str]:
+    return sorted(SAMPLERS)
+
+
+class NoiseSource:
+    """Per-image Gaussian noise from one seeded CPU generator per image."""
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        self.device, self.dtype = device, dtype
+
+    def randn(self, shape: Sequence[int]) -> torch.Tensor:
+        return torch.stack([torch.randn(tuple(shape), generator=g) for g in self.generators]).to(self.device, self.dtype)
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        return self.randn(like.shape[1:]).to(like.device, like.dtype)
+
+
+def sample(
+    model: torch.nn.Module,
+    cond: Any,
+    *,
+    uncond: Any = None,
+    guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
+    sampler: str = "ddim",
+    steps: int = 50,
+    shape: Optional[Sequence[int]] = None,
+    seeds: Optional[Sequence[int]] = None,
+    x_T: Optional[torch.Tensor] = None,
+    eta: Optional[float] = None,
+    discretization: Optional[str] = None,
+    init_latent: Optional[torch.Tensor] = None,
+    strength: float = 1.0,
+    keep_mask: Optional[torch.Tensor] = None,
+    callback: Optional[Callable[[dict], None]] = None,
+    progress: bool = True,
+    denoiser: Optional[DiscreteDenoiser] = None,
+) -> torch.Tensor:
+    """Sample latents (in the model's own latent scale: decode with ``decode_first_stage``).
+
+    ``x_T``: unit-variance starting noise (else drawn from ``seeds``). ``init_latent`` + ``strength``:
+    SDEdit img2img, running the last ``int(strength * steps)`` steps from ``init_latent`` noised to
+    that level. ``keep_mask`` (1 = keep ``init_latent``) inpaints with an ordinary model.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(sampler_names())}")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    spec = SAMPLERS[sampler]
+    options = dict(spec.options)
+    if eta is not None:
+        if "eta" not in options:
+            if eta != 0:
+                raise ValueError(f"sampler {sampler!r} is deterministic and takes no eta; use ddim, euler_a or dpmpp_2m_sde")
+        else:
+            options["eta"] = float(eta)
+    den = denoiser or DiscreteDenoiser(model)
+    device = next(model.parameters()).device
+    dtype = torch.float32
+    sigmas = get_sigmas(den, discretization or spec.discretization, steps, spec.final).to(device)
+
+    if x_T is None:
+        if seeds is None or shape is None:
+            raise ValueError("pass either x_T or both seeds and shape")
+        noise_source: Optional[NoiseSource] = NoiseSource(seeds, device, dtype)
+        x_T = noise_source.randn(shape)
+    else:
+        x_T = x_T.to(device, dtype)
+        noise_source = NoiseSource(seeds, device, dtype) if seeds is not None else None
+    # Without seeds, stochastic samplers draw step noise from torch's global RNG.
+    step_noise: Callable[[torch.Tensor], torch.Tensor] = noise_source or (lambda like: torch.randn_like(like))
+
+    if init_latent is not None and keep_mask is None:
+        n = len(sigmas) - 1
+        t_enc = int(strength * n)
+        if t_enc == 0:
+            return init_latent
+        sigmas = sigmas[n - t_enc:]
+        x = init_latent.to(device, dtype) + sigmas[0] * x_T
+    else:
+        x = x_T * (1 + sigmas[0] ** 2).sqrt()
+
+    denoise = CFGDenoiser(den, cond, uncond, guidance_scale, guidance_rescale)
+    if keep_mask is not None:
+        if init_latent is None:
+            raise ValueError("keep_mask needs init_latent (the latent of the image to keep)")
+        keep = keep_mask.to(device, dtype)
+        denoise = MaskedDenoiser(denoise, init_latent.to(device, dtype), keep, x_T)
+
+    bar = tqdm(total=len(sigmas) - 1, desc=sampler, disable=not progress, leave=False)
+
+    def on_step(i: int, x_i: torch.Tensor, x0: torch.Tensor) -> None:
+        bar.update(1)
+        if callback is not None:
+            callback({"i": i, "x": x_i, "sigma": sigmas[i], "denoised": x0, "total": len(sigmas) - 1})
+
+    try:
+        x = spec.fn(denoise, x, sigmas, on_step, noise=step_noise, **options)
+    finally:
+        bar.close()
+    z = x / (1 + sigmas[-1] ** 2).sqrt()
+    if keep_mask is not None:
+        z = keep * init_latent.to(device, dtype) + (1 - keep) * z
+    return z

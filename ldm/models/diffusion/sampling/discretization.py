@@ -1,0 +1,74 @@
+"""Which noise levels a sampler visits: timestep spacings and sigma schedules, as data.
+
+Every function returns a descending sigma tensor of length ``num_steps + 1``; the last entry is
+the level the sampler ends at (0, or sigma(t=0) for the CompVis DDIM/PLMS convention).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ldm.models.diffusion.sampling.denoiser import DiscreteDenoiser
+
+
+def compvis_timesteps(kind: str, num_steps: int, num_train: int = 1000) -> np.ndarray:
+    """CompVis ``make_ddim_timesteps``: ascending, +1 so the last step lands on alpha_bar[0].
+
+    Like CompVis, "uniform" takes every ``num_train // num_steps``-th step, which gives one extra
+    step when ``num_steps`` does not divide ``num_train`` (e.g. 30 -> 31 steps).
+    """
+    if not 1 <= num_steps <= num_train:
+        raise ValueError(f"steps must be in [1, {num_train}], got {num_steps}")
+    if kind == "uniform":
+        ts = np.arange(0, num_train, num_train // num_steps)
+    elif kind == "quad":
+        ts = (np.linspace(0, np.sqrt(num_train * 0.8), num_steps) ** 2).astype(int)
+    else:
+        raise ValueError(f"unknown CompVis discretization {kind!r}; use uniform or quad")
+    return ts + 1
+
+
+def spaced_timesteps(kind: str, num_steps: int, num_train: int = 1000, steps_offset: int = 1) -> np.ndarray:
+    """diffusers' spacings, ascending: leading (with offset), trailing, linspace (k-diffusion's)."""
+    if kind == "leading":
+        return np.arange(0, num_steps) * (num_train // num_steps) + steps_offset
+    if kind == "trailing":
+        return np.round(np.arange(num_train, 0, -num_train / num_steps)).astype(np.int64)[::-1] - 1
+    if kind == "linspace":
+        return np.linspace(0, num_train - 1, num_steps)
+    raise ValueError(f"unknown spacing {kind!r}")
+
+
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022) schedule: uniform in sigma^(1/rho)."""
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return ((hi + ramp * (lo - hi)) ** rho).float()
+
+
+def exponential_sigmas(num_steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    return torch.linspace(math.log(sigma_max), math.log(sigma_min), num_steps, dtype=torch.float64).exp().float()
+
+
+DISCRETIZATIONS = ("uniform", "quad", "leading", "trailing", "linspace", "karras", "exponential")
+
+
+def get_sigmas(denoiser: DiscreteDenoiser, kind: str, num_steps: int, final: str = "zero") -> torch.Tensor:
+    """Descending sigmas for ``num_steps`` steps, plus the final level (``"zero"`` or ``"t0"`` = sigma(0))."""
+    if kind not in DISCRETIZATIONS:
+        raise ValueError(f"unknown discretization {kind!r}; use one of {', '.join(DISCRETIZATIONS)}")
+    n = denoiser.num_timesteps
+    if kind in ("karras", "exponential"):
+        lo, hi = float(denoiser.sigma_min), float(denoiser.sigma_max)
+        sig = karras_sigmas(num_steps, lo, hi) if kind == "karras" else exponential_sigmas(num_steps, lo, hi)
+    else:
+        ts = compvis_timesteps(kind, num_steps, n) if kind in ("uniform", "quad") else spaced_timesteps(kind, num_steps, n)
+        ts = torch.from_numpy(np.clip(ts, 0, n - 1)[::-1].astype(np.float64).copy())
+        if torch.equal(ts, ts.round()):  # table values exactly, no interpolation round-off
+            sig = denoiser.sigmas.cpu()[ts.long()]
+        else:
+            sig = denoiser.t_to_sigma(ts.float()).cpu()
+    end = torch.zeros(1) if final == "zero" else denoiser.sigmas[:1].cpu()
+    return torch.cat([sig.float(), end])

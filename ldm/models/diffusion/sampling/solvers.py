@@ -1,0 +1,142 @@
+"""Samplers as small functions over one denoiser ``D(x, sigma) -> x0`` in the VE form.
+
+Each takes ``(denoise, x, sigmas, step)`` where ``x`` is already at ``sigmas[0]`` and
+``step(i, x, x0)`` reports progress; stochastic ones draw fresh noise from ``noise(x)``.
+DDIM (eta=0) is the Euler step of the probability-flow ODE in this form; DDIM with eta and
+DDPM ancestral sampling are the ancestral step below (identical formulas, checked in tests).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Noise = Callable[[torch.Tensor], torch.Tensor]
+Step = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def _sig(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return s.to(x.device).expand(x.shape[0])
+
+
+def ancestral_split(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma_down, sigma_up): a deterministic move to sigma_down plus fresh noise of std sigma_up."""
+    if eta == 0 or sigma_next == 0:
+        return sigma_next, torch.zeros_like(sigma_next)
+    up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt())
+    return (sigma_next**2 - up**2).sqrt(), up
+
+
+@torch.no_grad()
+def sample_euler(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, step: Step, noise: Optional[Noise] = None) -> torch.Tensor:
+    for i in range(len(sigmas) - 1):
+        x0 = denoise(x, _sig(sigmas[i], x))
+        step(i, x, x0)
+        x = x0 + (sigmas[i + 1] / sigmas[i]) * (x - x0)
+    return x
+
+
+@torch.no_grad()
+def sample_ancestral(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, step: Step, noise: Optional[Noise] = None,
+                     eta: float = 1.0) -> torch.Tensor:
+    """DDIM with ``eta`` (CompVis), Euler ancestral (eta=1 on any schedule), DDPM (eta=1 on the trained steps)."""
+    for i in range(len(sigmas) - 1):
+        x0 = denoise(x, _sig(sigmas[i], x))
+        step(i, x, x0)
+        down, up = ancestral_split(sigmas[i], sigmas[i + 1], eta)
+        x = x0 + (down / sigmas[i]) * (x - x0)
+        if up > 0:
+            if noise is None:
+                raise ValueError("a stochastic sampler needs a noise source")
+            x = x + noise(x) * up
+    return x
+
+
+@torch.no_grad()
+def sample_heun(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, step: Step, noise: Optional[Noise] = None) -> torch.Tensor:
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = denoise(x, _sig(s, x))
+        step(i, x, x0)
+        d = (x - x0) / s
+        x_euler = x + d * (s_next - s)
+        if s_next == 0:
+            x = x_euler
+        else:
+            d_next = (x_euler - denoise(x_euler, _sig(s_next, x))) / s_next
+            x = x + (d + d_next) / 2 * (s_next - s)
+    return x
+
+
+@torch.no_grad()
+def sample_plms(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, step: Step, noise: Optional[Noise] = None) -> torch.Tensor:
+    """CompVis PLMS: Adams-Bashforth on eps, with a Heun-like first step."""
+    old_eps: list[torch.Tensor] = []
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = denoise(x, _sig(s, x))
+        step(i, x, x0)
+        eps = (x - x0) / s
+        if not old_eps:
+            # CompVis evaluates the second point at the next timestep of the schedule.
+            s_eval = sigmas[min(i + 1, len(sigmas) - 2)]
+            x_pred = x + eps * (s_eval - s)
+            eps_next = (x_pred - denoise(x_pred, _sig(s_eval, x))) / s_eval
+            eps_prime = (eps + eps_next) / 2
+        elif len(old_eps) == 1:
+            eps_prime = (3 * eps - old_eps[-1]) / 2
+        elif len(old_eps) == 2:
+            eps_prime = (23 * eps - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+        else:
+            eps_prime = (55 * eps - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+        x = x + eps_prime * (s_next - s)
+        old_eps = (old_eps + [eps])[-3:]
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, step: Step, noise: Optional[Noise] = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022), multistep in log-sigma; first-order first and last steps."""
+    old_x0, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = denoise(x, _sig(s, x))
+        step(i, x, x0)
+        if s_next == 0:
+            x = x0
+            continue
+        h = s.log() - s_next.log()
+        x0_d = x0
+        if old_x0 is not None:
+            r = h_last / h
+            x0_d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
+        x = (s_next / s) * x - torch.expm1(-h) * x0_d
+        old_x0, h_last = x0, h
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, step: Step, noise: Optional[Noise] = None,
+                        eta: float = 1.0) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE (midpoint form): the 2M update with eta-scaled injected noise."""
+    old_x0, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = denoise(x, _sig(s, x))
+        step(i, x, x0)
+        if s_next == 0:
+            x = x0
+            continue
+        h = s.log() - s_next.log()
+        eta_h = eta * h
+        x = (s_next / s) * torch.exp(-eta_h) * x - torch.expm1(-h - eta_h) * x0
+        if old_x0 is not None:
+            r = h_last / h
+            x = x - 0.5 * torch.expm1(-h - eta_h) * (1 / r) * (x0 - old_x0)
+        if eta > 0:
+            if noise is None:
+                raise ValueError("a stochastic sampler needs a noise source")
+            x = x + noise(x) * s_next * (-torch.expm1(-2 * eta_h)).sqrt()
+        old_x0, h_last = x0, h
+    return x
