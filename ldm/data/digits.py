@@ -23,7 +23,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     rng = np.random.default_rng(seed)
     train, val = [], []
     for cls in np.unique(labels):
-        idx = np.flatnonzero(labels == cls)
+        idx = rng.permutation(np.flatnonzero(labels == cls))
         # At least one per class when a val split is wanted, so every class is evaluated.
         n_val = max(1, int(round(len(idx) * val_fraction))) if val_fraction > 0 else 0
         val.append(idx[:n_val])
