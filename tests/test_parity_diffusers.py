@@ -11,6 +11,7 @@ import torch
 
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
+from tests.helpers import randomize_
 
 single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
 from diffusers import AutoencoderKL as DiffusersVAE  # noqa: E402
@@ -25,20 +26,6 @@ UNET_SD1 = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, 
 UNET_SD2 = {k: v for k, v in UNET_SD1.items() if k != "num_heads"}
 UNET_SD2.update(num_head_channels=16, use_linear_in_transformer=True, attention_resolutions=[1])
 UNET_INPAINT = dict(UNET_SD1, in_channels=9)
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> None:
-    """Re-draw all parameters so activations stay O(1): weights ~ N(0, 1/fan_in), norms ~ 1 + noise."""
-    g = torch.Generator().manual_seed(seed)
-    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
-    with torch.no_grad():
-        for mod in module.modules():
-            for name, p in mod.named_parameters(recurse=False):
-                if p.dim() == 1:
-                    base = 1.0 if (isinstance(mod, norms) and name == "weight") else 0.0
-                    p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
 
 
 def original_config(unet_params: dict) -> dict:

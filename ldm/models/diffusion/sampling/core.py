@@ -80,12 +80,14 @@ def sample(
     callback: Optional[Callable[[dict], None]] = None,
     progress: bool = True,
     denoiser: Optional[DiscreteDenoiser] = None,
+    sigmas: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sample latents (in the model's own latent scale: decode with ``decode_first_stage``).
 
     ``x_T``: unit-variance starting noise (else drawn from ``seeds``). ``init_latent`` + ``strength``:
     SDEdit img2img, running the last ``int(strength * steps)`` steps from ``init_latent`` noised to
     that level. ``keep_mask`` (1 = keep ``init_latent``) inpaints with an ordinary model.
+    ``sigmas`` (descending, last = end level) overrides ``steps``/``discretization``.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(sampler_names())}")
@@ -102,7 +104,9 @@ def sample(
     den = denoiser or DiscreteDenoiser(model)
     device = next(model.parameters()).device
     dtype = torch.float32
-    sigmas = get_sigmas(den, discretization or spec.discretization, steps, spec.final).to(device)
+    if sigmas is None:
+        sigmas = get_sigmas(den, discretization or spec.discretization, steps, spec.final)
+    sigmas = sigmas.to(device, torch.float32)
 
     if x_T is None:
         if seeds is None or shape is None:

@@ -65,10 +65,22 @@ def get_sigmas(denoiser: DiscreteDenoiser, kind: str, num_steps: int, final: str
         sig = karras_sigmas(num_steps, lo, hi) if kind == "karras" else exponential_sigmas(num_steps, lo, hi)
     else:
         ts = compvis_timesteps(kind, num_steps, n) if kind in ("uniform", "quad") else spaced_timesteps(kind, num_steps, n)
-        ts = torch.from_numpy(np.clip(ts, 0, n - 1)[::-1].astype(np.float64).copy())
-        if torch.equal(ts, ts.round()):  # table values exactly, no interpolation round-off
-            sig = denoiser.sigmas.cpu()[ts.long()]
-        else:
-            sig = denoiser.t_to_sigma(ts.float()).cpu()
-    end = torch.zeros(1) if final == "zero" else denoiser.sigmas[:1].cpu()
-    return torch.cat([sig.float(), end])
+        return sigmas_from_timesteps(denoiser, ts, final)
+    return torch.cat([sig.float(), _final(denoiser, final)])
+
+
+def _final(denoiser: DiscreteDenoiser, final: str) -> torch.Tensor:
+    if final not in ("zero", "t0"):
+        raise ValueError(f"final must be 'zero' or 't0', got {final!r}")
+    return torch.zeros(1) if final == "zero" else denoiser.sigmas[:1].cpu().float()
+
+
+def sigmas_from_timesteps(denoiser: DiscreteDenoiser, timesteps, final: str = "zero") -> torch.Tensor:
+    """Descending sigmas for ascending (possibly fractional) ``timesteps``, plus the final level."""
+    n = denoiser.num_timesteps
+    ts = torch.from_numpy(np.clip(np.asarray(timesteps, dtype=np.float64), 0, n - 1)[::-1].copy())
+    if torch.equal(ts, ts.round()):  # table values exactly, no interpolation round-off
+        sig = denoiser.sigmas.cpu()[ts.long()]
+    else:
+        sig = denoiser.t_to_sigma(ts.float()).cpu()
+    return torch.cat([sig.float(), _final(denoiser, final)])
