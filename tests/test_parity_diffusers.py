@@ -39,8 +39,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+@pytest.mark.parametrize("size", [16, 9], ids=["16x16", "odd-9x9"])
 @pytest.mark.parametrize("params", [UNET_SD1, UNET_SD2, UNET_INPAINT], ids=["sd1", "sd2-linear-headchannels", "inpaint-9ch"])
-def test_unet_matches_diffusers(params):
+def test_unet_matches_diffusers(params, size):
     torch.manual_seed(0)
     ours = UNetModel(**params).eval()
     randomize_(ours, seed=1)
@@ -50,7 +51,7 @@ def test_unet_matches_diffusers(params):
     ref.load_state_dict(single_file.convert_ldm_unet_checkpoint(ckpt, cfg), strict=True)
 
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, params["in_channels"], 16, 16, generator=g)
+    x = torch.randn(2, params["in_channels"], size, size, generator=g)
     t = torch.tensor([999, 17])
     ctx = torch.randn(2, 5, params["context_dim"], generator=g)
     with torch.no_grad():

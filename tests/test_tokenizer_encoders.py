@@ -280,3 +280,24 @@ def test_class_embedder() -> None:
     uc = emb.get_unconditional_conditioning(2)
     assert uc["class"].tolist() == [9, 9]
     assert emb({"label": torch.tensor([4])}, key="label").shape == (1, 1, 8)
+
+
+def test_long_prompts_are_chunked_not_truncated() -> None:
+    torch.manual_seed(0)
+    emb = FrozenCLIPEmbedder(text_config=TINY_HF)
+    short = "a photo of a cat"
+    long = ", ".join(f"a very detailed photo number {i} of a fluffy cat sitting on a red sofa" for i in range(12))
+    n_tokens = len(emb.tokenizer.encode(long))
+    assert n_tokens > 150
+    # Prompts that fit are encoded exactly as before (one plain 77-token window).
+    plain = emb.encode_tokens(emb.tokenize([short]))
+    torch.testing.assert_close(emb([short]), plain, rtol=0, atol=0)
+    out = emb([short, long])
+    chunks = -(-n_tokens // 75)
+    assert out.shape == (2, 77 * chunks, 32)
+    # The short prompt's first window is unchanged; later windows are empty-prompt windows.
+    torch.testing.assert_close(out[:1, :77], plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:1, 77:154], emb.encode_tokens(emb.tokenize([""])), rtol=1e-5, atol=1e-5)
+    # The tail of the long prompt matters (it was not dropped).
+    cut = emb([long.rsplit(",", 1)[0]])
+    assert cut.shape[1] <= out.shape[1] and not torch.allclose(out[1:, -77:], cut[:, -77:])

@@ -29,12 +29,14 @@ class TimestepBlock(nn.Module):
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
     """Sequential that hands ``emb`` to timestep blocks and ``context`` to transformers."""
 
-    def forward(self, x, emb, context=None):
+    def forward(self, x, emb, context=None, output_size=None):
         for layer in self:
             if isinstance(layer, TimestepBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, output_size)
             else:
                 x = layer(x)
         return x
@@ -50,8 +52,11 @@ class Upsample(nn.Module):
         if use_conv:
             self.conv = conv_nd(dims, channels, self.out_channels, 3, padding=padding)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dims == 3:
+    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        # output_size: the skip connection's size, so latents not divisible by 2^levels still line up.
+        if output_size is not None:
+            x = F.interpolate(x, size=tuple(output_size), mode="nearest")
+        elif self.dims == 3:
             x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
         else:
             x = F.interpolate(x, scale_factor=2, mode="nearest")
@@ -338,5 +343,6 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for module in self.output_blocks:
-            h = module(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = module(h, emb, context, output_size=skips[-1].shape[2:] if skips else None)
         return self.out(h).to(x.dtype)

@@ -25,6 +25,17 @@ class AbstractEncoder(nn.Module):
         raise NotImplementedError
 
 
+def encode_long(encoder: Any, text: str | Sequence[str], min_chunks: int = 1) -> torch.Tensor:
+    """Prompts of any length: each 75-token chunk is encoded as its own 77-token window and the
+    windows' features are concatenated, ``[B, n_chunks * 77, width]``. A prompt that fits is one
+    window, identical to plain encoding; shorter prompts in a batch get empty windows appended.
+    """
+    tokens = encoder.tokenizer.chunked(text, min_chunks=min_chunks)
+    b, n, length = tokens.shape
+    feats = encoder.encode_tokens(tokens.reshape(b * n, length))
+    return feats.reshape(b, n * feats.shape[1], feats.shape[2])
+
+
 def _module_device(module: nn.Module) -> torch.device:
     """Device of the first parameter (inputs must follow the weights, wherever they were moved)."""
     return next(module.parameters()).device
@@ -139,8 +150,13 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         return out.hidden_states[self.layer_idx]  # no final layer norm, as in Stability's SD 2 code
 
     def forward(self, text: str | Sequence[str]) -> torch.Tensor:
-        """``[B, max_length, width]`` features (``[B, 1, width]`` for ``layer='pooled'``)."""
-        return self.encode_tokens(self.tokenize(text))
+        """``[B, 77 * n_chunks, width]`` features (``[B, 1, width]`` for ``layer='pooled'``).
+
+        Prompts longer than 75 tokens are encoded in chunks (see :func:`encode_long`), not truncated.
+        """
+        if self.layer == "pooled":
+            return self.encode_tokens(self.tokenize(text))
+        return encode_long(self, text)
 
     def encode(self, text: str | Sequence[str]) -> torch.Tensor:
         return self(text)
@@ -229,8 +245,12 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
             x = x.permute(1, 0, 2)
         return m.ln_final(x)
 
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.encode_with_transformer(tokens.to(self.device))
+
     def forward(self, text: str | Sequence[str]) -> torch.Tensor:
-        return self.encode_with_transformer(self.tokenize(text).to(self.device))
+        """``[B, 77 * n_chunks, width]``: long prompts are encoded in chunks (see :func:`encode_long`)."""
+        return encode_long(self, text)
 
     def encode(self, text: str | Sequence[str]) -> torch.Tensor:
         return self(text)
