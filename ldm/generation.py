@@ -1,0 +1,160 @@
+"""Plain-Python image generation over the sampling core: what the scripts wrap.
+
+    images = generate(model, ["a photo of a cat"], seeds=[42], sampler="dpmpp_2m", steps=20)
+
+Returns float images in [0, 1], ``[B, 3, H, W]``. Handles text-to-image, SDEdit image-to-image
+(``init_image`` + ``strength``) and inpainting (``mask``: 1 = repaint), for 9-channel inpainting
+models through their extra input channels and for ordinary models by latent mask blending.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from ldm.models.diffusion.sampling import sample
+
+PRECISIONS = ("fp32", "bf16", "fp16", "autocast")
+
+
+def precision_context(precision: str, device: torch.device):
+    """Autocast for the chosen precision ('autocast' = fp16 on CUDA, bf16 on CPU)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "autocast":
+        precision = "fp16" if device.type == "cuda" else "bf16"
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def latent_factor(model: torch.nn.Module) -> int:
+    """Pixels per latent pixel of the first stage (8 for Stable Diffusion)."""
+    first = model.first_stage_model
+    return int(getattr(first, "downsample_factor", 2 ** (len(first.encoder.down) - 1)))
+
+
+def check_size(height: int, width: int, multiple: int = 8) -> None:
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}; "
+                         f"try {max(multiple, round(height / multiple) * multiple)}x{max(multiple, round(width / multiple) * multiple)}")
+
+
+def _as_list(value: Union[str, Sequence[str]], n: int, name: str) -> list[str]:
+    values = [value] * n if isinstance(value, str) else list(value)
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries for {n} prompts; give one, or one per prompt")
+    return values
+
+
+@torch.no_grad()
+def encode_prompts(model: torch.nn.Module, prompts: Sequence[str], negative: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt and negative-prompt contexts with the same number of 77-token windows (batched CFG needs it)."""
+    both = model.get_learned_conditioning(list(prompts) + list(negative))
+    return both[: len(prompts)], both[len(prompts):]
+
+
+@torch.no_grad()
+def encode_image(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """Latent of images in [-1, 1] (posterior mean: deterministic, so runs are reproducible)."""
+    return model.scale_factor * model.encode_first_stage(image).mode()
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompts: Sequence[str],
+    *,
+    seeds: Sequence[int],
+    negative_prompt: Union[str, Sequence[str]] = "",
+    sampler: str = "ddim",
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    guidance_rescale: float = 0.0,
+    eta: Optional[float] = None,
+    discretization: Optional[str] = None,
+    height: int = 512,
+    width: int = 512,
+    init_image: Optional[torch.Tensor] = None,
+    strength: float = 0.75,
+    mask: Optional[torch.Tensor] = None,
+    precision: str = "fp32",
+    callback: Optional[Callable[[dict], None]] = None,
+    progress: bool = True,
+    batch_invariant: bool = True,
+) -> torch.Tensor:
+    """Images ``[B, 3, H, W]`` in [0, 1] for ``prompts`` (one seed per prompt).
+
+    ``batch_invariant`` (default) computes each image on its own, so an image depends only on its
+    prompt, seed and settings — bit for bit, whatever else was in the batch (kernels' rounding
+    depends on batch size, and long prompts pad their neighbours' contexts). ``False`` runs the
+    batch together: faster on GPUs, reproducible only as the same batch.
+    """
+    prompts = list(prompts)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per image")
+    check_size(height, width)
+    negative = _as_list(negative_prompt, len(prompts), "negative_prompt")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    options = dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta,
+                   discretization=discretization, height=height, width=width, strength=strength, precision=precision,
+                   callback=callback, progress=progress)
+    if not batch_invariant or len(prompts) == 1:
+        return _generate_batch(model, prompts, negative, list(seeds), init_image, mask, **options)
+    images = []
+    for i in range(len(prompts)):
+        pick = (lambda x: None if x is None else (x[i : i + 1] if x.dim() == 4 and x.shape[0] > 1 else x))  # noqa: E731
+        images.append(_generate_batch(model, prompts[i : i + 1], negative[i : i + 1], [seeds[i]], pick(init_image), pick(mask), **options))
+    return torch.cat(images)
+
+
+def _generate_batch(model, prompts: list[str], negative: list[str], seeds: list[int], init_image, mask, *, sampler, steps,
+                    guidance_scale, guidance_rescale, eta, discretization, height, width, strength, precision, callback,
+                    progress) -> torch.Tensor:
+    device = next(model.parameters()).device
+    f = latent_factor(model)
+    shape = (model.channels, height // f, width // f)
+
+    with precision_context(precision, device):
+        cond, uncond = encode_prompts(model, prompts, negative)
+        init_latent = keep = None
+        if init_image is not None:
+            init_image = _fit(init_image, len(prompts), height, width, "init image").to(device)
+            init_latent = encode_image(model, init_image).float()
+        if mask is not None:
+            if init_image is None:
+                raise ValueError("inpainting needs init_image as well as mask")
+            mask = _fit(mask, len(prompts), height, width, "mask").to(device).clamp(0, 1)
+            mask = (mask > 0.5).float()
+            if getattr(model.model, "conditioning_key", None) == "hybrid":  # 9-channel inpainting model
+                masked = encode_image(model, init_image * (1 - mask))
+                c_cat = torch.cat([F.interpolate(mask, size=shape[1:]), masked.float()], dim=1)
+                cond = {"c_concat": [c_cat], "c_crossattn": [cond]}
+                uncond = {"c_concat": [c_cat], "c_crossattn": [uncond]}
+                init_latent = None  # the model sees the image through its extra channels
+            else:
+                keep = 1 - F.interpolate(mask, size=shape[1:], mode="nearest")
+        latents = sample(
+            model, cond, uncond=uncond, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+            sampler=sampler, steps=steps, shape=shape, seeds=seeds, eta=eta, discretization=discretization,
+            init_latent=init_latent, strength=strength if keep is None else 1.0, keep_mask=keep,
+            callback=callback, progress=progress,
+        )
+    # fp16 VAE decoding overflows; decode in full precision unless bf16 was asked for.
+    with precision_context("bf16" if precision == "bf16" else "fp32", device):
+        images = model.decode_first_stage(latents)
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def _fit(x: torch.Tensor, n: int, height: int, width: int, what: str) -> torch.Tensor:
+    if x.dim() == 3:
+        x = x[None]
+    if x.shape[-2:] != (height, width):
+        raise ValueError(f"{what} is {x.shape[-1]}x{x.shape[-2]} but the output is {width}x{height}; resize it or pass --W/--H to match")
+    if x.shape[0] == 1 and n > 1:
+        x = x.expand(n, *x.shape[1:])
+    return x.float()
