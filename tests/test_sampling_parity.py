@@ -105,3 +105,25 @@ def test_plms_relation_to_pndm(setup):
         assert err < 2e-5
     else:
         assert err > 1e-3  # the documented difference, not round-off
+
+
+def test_whole_txt2img_matches_diffusers_pipeline(tmp_path):
+    """Prompt -> tokenizer -> text encoder -> guided DDIM -> VAE decode, end to end against
+    diffusers' StableDiffusionPipeline holding the same weights and the same starting noise."""
+    from benchmarks.peers import diffusers_sd1_pipeline
+    from ldm.generation import generate
+
+    torch.manual_seed(0)
+    model = instantiate_from_config(OmegaConf.load("configs/tiny/tiny-sd1.yaml").model).eval()
+    randomize_(model.model.diffusion_model, seed=1)
+    with torch.no_grad():
+        model.model.diffusion_model.out[2].weight.mul_(0.3)
+    pipe = diffusers_sd1_pipeline(model, "configs/tiny/tiny-sd1.yaml", tmp_path)
+    prompts, seeds = ["a photo of a cat", "Hello, world! A red house."], [5, 6]
+    noise = torch.stack([torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    ref = pipe(prompts, negative_prompt=["blurry", ""], height=32, width=32, num_inference_steps=10, guidance_scale=5,
+               latents=noise, output_type="pt").images
+    ours = generate(model, prompts, seeds=seeds, negative_prompt=["blurry", ""], height=32, width=32, steps=10,
+                    guidance_scale=5, progress=False)
+    assert ref.std() > 0.05
+    assert (ours - ref).abs().max().item() < 1e-5

@@ -1,15 +1,11 @@
 """Tokenizer and text-encoder tests: exact CLIP ids, checkpoint key layouts, layer selection."""
 from __future__ import annotations
 
-import gzip
-import json
 import re
-from pathlib import Path
 
 import open_clip
 import pytest
 import torch
-from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from transformers import CLIPTextModel
 
 from ldm.modules.encoders.modules import ClassEmbedder, FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
@@ -46,18 +42,9 @@ def hf_tokenizer(tmp_path_factory: pytest.TempPathFactory):
     transformers 5 has no pure-python CLIP tokenizer any more; its CLIPTokenizer runs the Rust
     ``tokenizers`` BPE, which is still an implementation independent of open_clip's.
     """
-    from transformers import CLIPTokenizer as HFCLIPTokenizer
+    from benchmarks.peers import hf_clip_tokenizer
 
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    vocab = list(bytes_to_unicode().values())
-    vocab += [v + "</w>" for v in vocab]
-    vocab += ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder: Path = tmp_path_factory.mktemp("hf_clip_tokenizer")
-    (folder / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    hf = HFCLIPTokenizer.from_pretrained(str(folder), pad_token="<|endoftext|>")
+    hf = hf_clip_tokenizer(tmp_path_factory.mktemp("hf_clip_tokenizer"))
     assert len(hf) == 49408
     return hf
 
