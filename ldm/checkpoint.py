@@ -227,14 +227,11 @@ def _raise_on_mismatch(model: nn.Module, missing: list[str], unexpected: list[st
     raise CheckpointError("\n".join(lines))
 
 
-def load_into_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True,
-                    dtype: torch.dtype | None = None, ignore_keys: Iterable[str] = (),
-                    optional_keys: Iterable[str] = ()) -> None:
-    """Assign ``state_dict`` to ``model`` (which may live on the meta device) after checking it.
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True,
+                     ignore_keys: Iterable[str] = (), optional_keys: Iterable[str] = ()) -> tuple[dict, dict]:
+    """Raise CheckpointError (grouped, readable) unless keys and shapes fit ``model``; loads nothing.
 
-    Floating tensors are cast to ``dtype``, or else to the dtype of the model tensor they replace;
-    they move to that tensor's device unless it is meta (then they stay where they were read).
-    """
+    Returns (the model's entries, the file's entries that apply)."""
     ignore, optional = list(ignore_keys), list(optional_keys)
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if not _matches(k, ignore)}
     sd = {k: v for k, v in state_dict.items()
@@ -244,6 +241,19 @@ def load_into_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
     shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
               for k, v in sd.items() if k in expected and v.shape != expected[k].shape]
     _raise_on_mismatch(model, missing, unexpected, shapes, strict)
+    return expected, sd
+
+
+def load_into_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True,
+                    dtype: torch.dtype | None = None, ignore_keys: Iterable[str] = (),
+                    optional_keys: Iterable[str] = ()) -> None:
+    """Assign ``state_dict`` to ``model`` (which may live on the meta device) after checking it.
+
+    Floating tensors are cast to ``dtype``, or else to the dtype of the model tensor they replace;
+    they move to that tensor's device unless it is meta (then they stay where they were read).
+    """
+    ignore, optional = list(ignore_keys), list(optional_keys)
+    expected, sd = check_state_dict(model, state_dict, strict=strict, ignore_keys=ignore, optional_keys=optional)
     for k, v in list(sd.items()):
         ref = expected.get(k)
         to_dtype = v.dtype

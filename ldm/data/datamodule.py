@@ -38,13 +38,21 @@ class SeededRandomSampler(Sampler[int]):
 
     def __init__(self, n: int, seed: int = 0) -> None:
         self.n, self.seed, self.epoch = n, seed, 0
+        self.resume_epoch, self.resume_offset = -1, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume_at(self, epoch: int, consumed: int) -> None:
+        """Skip the first ``consumed`` indices of ``epoch`` (exact mid-epoch resume)."""
+        self.resume_epoch, self.resume_offset = epoch, consumed
+
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.epoch == self.resume_epoch:
+            order = order[self.resume_offset:]
+        return iter(order)
 
     def __len__(self) -> int:
         return self.n
@@ -95,6 +103,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
             if cfg is not None
         }
         self.datasets: dict[str, Dataset] = {}
+        # (epoch, samples consumed) set on resume so the train order continues mid-epoch.
+        self.resume_position: tuple[int, int] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         for name, cfg in self.dataset_configs.items():
@@ -119,6 +129,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
     def _loader(self, name: str, shuffle: bool, drop_last: bool) -> DataLoader:
         ds = self._dataset(name)
         sampler = SeededRandomSampler(len(ds), self.seed) if shuffle else None
+        if name == "train" and sampler is not None and self.resume_position is not None:
+            sampler.resume_at(*self.resume_position)
         workers = self.num_workers
         return DataLoader(
             ds,

@@ -29,6 +29,7 @@ class AutoencoderKL(pl.LightningModule):
         monitor: Optional[str] = None,
         ema_decay: Optional[float] = None,
         learn_logvar: bool = False,
+        kl_weight: float = 1e-6,
     ):
         super().__init__()
         if not ddconfig.get("double_z", True):
@@ -40,6 +41,7 @@ class AutoencoderKL(pl.LightningModule):
         self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         self.embed_dim = embed_dim
+        self.kl_weight = kl_weight
         if monitor is not None:
             self.monitor = monitor
         if ckpt_path is not None:
@@ -77,7 +79,7 @@ class AutoencoderKL(pl.LightningModule):
         if isinstance(self.loss, nn.Identity):
             rec_loss = torch.nn.functional.mse_loss(rec, x)
             kl = posterior.kl().mean() / x[0].numel()
-            return {"loss": rec_loss + 1e-6 * kl, "rec_loss": rec_loss, "kl_loss": kl}
+            return {"loss": rec_loss + self.kl_weight * kl, "rec_loss": rec_loss, "kl_loss": kl}
         loss = self.loss(x, rec, posterior, split="train", last_layer=self.get_last_layer())
         return loss if isinstance(loss, dict) else {"loss": loss}
 

@@ -38,7 +38,10 @@ class DiffusionTrainingMixin:
                 self.scale_factor.copy_(1.0 / x.flatten().std())
             self._std_rescaled = True
 
-    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # EMA follows every real optimizer step (so gradient accumulation is respected) and is
+        # updated before callbacks run: a checkpoint taken at step N holds the EMA of step N.
+        super().optimizer_step(*args, **kwargs)
         if getattr(self, "use_ema", False):
             self.model_ema(self.model)
 

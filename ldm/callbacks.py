@@ -1,0 +1,140 @@
+"""Training callbacks: sample grids while training, EMA export for the sampling scripts, metrics."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_grid(images: torch.Tensor, path: Path, n_cols: int) -> None:
+    """Images [B, 3, H, W] in [0, 1] as one PNG grid (atomic)."""
+    b, c, h, w = images.shape
+    n_rows = -(-b // n_cols)
+    canvas = torch.ones(c, n_rows * h, n_cols * w)
+    for i, img in enumerate(images.float().cpu()):
+        r, col = divmod(i, n_cols)
+        canvas[:, r * h:(r + 1) * h, col * w:(col + 1) * w] = img
+    array = (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    _atomic_write_bytes(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+class ImageLogger(pl.Callback):
+    """Every ``every_n_steps`` (and at the end), sample ``prompts`` with EMA weights into images/step-N.png."""
+
+    def __init__(self, out_dir: str | os.PathLike, prompts: Sequence[str], every_n_steps: int = 500, seed: int = 0,
+                 n_cols: Optional[int] = None, **generate_kwargs: Any):
+        self.out_dir, self.prompts, self.every = Path(out_dir), list(prompts), every_n_steps
+        self.seed, self.n_cols, self.generate_kwargs = seed, n_cols or min(len(self.prompts), 8), generate_kwargs
+
+    @torch.no_grad()
+    def log_images(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[Path]:
+        if not trainer.is_global_zero or not self.prompts:
+            return None
+        from ldm.generation import generate
+
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with pl_module.ema_scope():
+                images = generate(pl_module, self.prompts, seeds=[self.seed + i for i in range(len(self.prompts))],
+                                  progress=False, batch_invariant=False, **self.generate_kwargs)
+        finally:
+            pl_module.train(was_training)
+        path = self.out_dir / f"step-{trainer.global_step:06d}.png"
+        save_grid(images, path, self.n_cols)
+        return path
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        if self.every > 0 and trainer.global_step % self.every == 0:
+            self.log_images(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.log_images(trainer, pl_module)
+
+
+def export_for_sampling(pl_module: pl.LightningModule, model_config: Any, out_dir: str | os.PathLike,
+                        sampling: Optional[dict] = None, dtype: Optional[torch.dtype] = None) -> Path:
+    """Write ``model.safetensors`` (EMA weights when the model has them, no ``model_ema.*``) and the
+    ``config.yaml`` (model config with ``use_ema: false`` and sampling defaults) the scripts load directly."""
+    from ldm.checkpoint import save_state_dict
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach() for k, v in pl_module.state_dict().items() if not k.startswith("model_ema.")}
+    ema = getattr(pl_module, "model_ema", None) if getattr(pl_module, "use_ema", False) else None
+    if ema is not None:
+        shadow = dict(ema.named_buffers())
+        for name, s_name in ema.m_name2s_name.items():
+            state[f"model.{name}"] = shadow[s_name].detach()
+    lora = getattr(pl_module, "lora_merged_state", None)
+    if lora is not None:
+        state = lora(state)
+    save_state_dict(state, out_dir / "model.safetensors", dtype=dtype)
+    cfg = OmegaConf.create({"model": OmegaConf.to_container(OmegaConf.create(model_config), resolve=True)})
+    if _is_diffusion(cfg.model.target):
+        cfg.model.params.use_ema = False
+    for key in ("ckpt_path",):
+        cfg.model.params.pop(key, None)
+    fs = cfg.model.params.get("first_stage_config", {})
+    if fs and "params" in fs:
+        fs.params.pop("ckpt_path", None)  # the export carries the first stage's weights itself
+    if sampling:
+        cfg.sampling = sampling
+    _atomic_write_bytes(out_dir / "config.yaml", lambda tmp: tmp.write_text(OmegaConf.to_yaml(cfg)))
+    return out_dir / "model.safetensors"
+
+
+def _is_diffusion(target: str) -> bool:
+    from ldm.models.diffusion.ddpm import DDPM
+    from ldm.util import get_obj_from_str
+
+    cls = get_obj_from_str(target)
+    return isinstance(cls, type) and issubclass(cls, DDPM)
+
+
+class EMAExport(pl.Callback):
+    """At the end of training, export the (EMA) weights + config for the sampling scripts."""
+
+    def __init__(self, out_dir: str | os.PathLike, model_config: Any, sampling: Optional[dict] = None, dtype: Optional[str] = None):
+        self.out_dir, self.model_config, self.sampling = Path(out_dir), model_config, sampling
+        self.dtype = getattr(torch, dtype) if dtype else None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            path = export_for_sampling(pl_module, self.model_config, self.out_dir, self.sampling, self.dtype)
+            print(f"exported weights for sampling: {path}")
+
+
+class SkippedImagesLogger(pl.Callback):
+    """Logs how many unreadable images the data pipeline skipped (never fatal, always counted)."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        if dm is not None and hasattr(dm, "skipped_images"):
+            n = dm.skipped_images()
+            pl_module.log("data/skipped_images", float(n), rank_zero_only=True)
+            if n:
+                reports = [ds.skip_report() for ds in dm.datasets.values() if hasattr(ds, "skip_report")]
+                print("; ".join(r for r in reports if r))
+
+
+def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
+    clean = {k: (float(v) if isinstance(v, (torch.Tensor, np.floating, float, int)) else v) for k, v in metrics.items()}
+    _atomic_write_bytes(Path(path), lambda tmp: tmp.write_text(json.dumps(clean, indent=2, sort_keys=True)))

@@ -1,0 +1,334 @@
+"""LoRA fine-tuning of any ``LatentDiffusion`` through ``peft``: inject, train, save, load, merge.
+
+Files use the kohya / A1111 layout with diffusers module names, which A1111, ComfyUI and
+diffusers (``pipe.load_lora_weights``) all read::
+
+    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight  [r, in(, kh, kw)]
+    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight    [out, r(, 1, 1)]
+    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha             scalar
+    lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight                  (text encoder)
+
+with ``W' = W + scale * alpha / r * up @ down``.
+
+While adapters are injected, ``model.state_dict()`` keeps every original key unchanged (hooks hide
+peft's ``base_layer.`` level) and adds ``<module>.lora_A.<adapter>.weight`` / ``lora_B`` entries;
+``load_state_dict`` accepts that same layout (e.g. to resume a Lightning run after ``add_lora``).
+After :func:`merge_lora` or :func:`remove_lora` the state dict is exactly the original one.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ldm.modules.diffusionmodules.openaimodel import ResBlock, Upsample
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+_LAYER_TYPES = (nn.Linear, nn.Conv2d)
+_KINDS = {"lora_down.weight", "lora_up.weight", "alpha"}
+# CompVis ResBlock children -> diffusers ResnetBlock2D names.
+_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+           "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_SAMPLER = {"op": "conv"}
+
+
+# ---------------------------------------------------------------------------- module naming
+def _unet(model: nn.Module) -> nn.Module:
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if unet is None or not hasattr(unet, "input_blocks"):
+        raise ValueError("LoRA: expected a LatentDiffusion with a CompVis UNet at model.model.diffusion_model")
+    return unet
+
+
+def _text_model(model: nn.Module) -> Optional[nn.Module]:
+    """The HF CLIP text tower (SD 1.x FrozenCLIPEmbedder), or None for other conditioners."""
+    te = getattr(getattr(getattr(model, "cond_stage_model", None), "transformer", None), "text_model", None)
+    return te if te is not None and hasattr(te, "encoder") and hasattr(te.encoder, "layers") else None
+
+
+def _unet_layout(unet: nn.Module) -> dict[str, tuple[str, Mapping[str, str]]]:
+    """CompVis block path -> (diffusers path, renames of the rest), from the UNet's own level structure."""
+    nrb, levels = list(unet.num_res_blocks), len(unet.channel_mult)
+    table: dict[str, tuple[str, Mapping[str, str]]] = {
+        "time_embed.0": ("time_embedding.linear_1", {}), "time_embed.2": ("time_embedding.linear_2", {}),
+        "input_blocks.0.0": ("conv_in", {}), "out.0": ("conv_norm_out", {}), "out.2": ("conv_out", {}),
+        "middle_block.0": ("mid_block.resnets.0", _RESNET), "middle_block.1": ("mid_block.attentions.0", {}),
+        "middle_block.2": ("mid_block.resnets.1", _RESNET)}
+    k = 1
+    for level in range(levels):
+        for j in range(nrb[level]):
+            table[f"input_blocks.{k}.0"] = (f"down_blocks.{level}.resnets.{j}", _RESNET)
+            table[f"input_blocks.{k}.1"] = (f"down_blocks.{level}.attentions.{j}", {})
+            k += 1
+        if level != levels - 1:
+            table[f"input_blocks.{k}.0"] = (f"down_blocks.{level}.downsamplers.0", _SAMPLER)
+            k += 1
+    k = 0
+    for up, level in enumerate(reversed(range(levels))):
+        for j in range(nrb[level] + 1):
+            for i, child in enumerate(unet.output_blocks[k]):
+                # Index 1 is the transformer, or the upsampler where this level has no attention.
+                if i == 0:
+                    table[f"output_blocks.{k}.0"] = (f"up_blocks.{up}.resnets.{j}", _RESNET)
+                elif isinstance(child, (Upsample, ResBlock)):
+                    table[f"output_blocks.{k}.{i}"] = (f"up_blocks.{up}.upsamplers.0", _SAMPLER)
+                else:
+                    table[f"output_blocks.{k}.{i}"] = (f"up_blocks.{up}.attentions.{j}", {})
+            k += 1
+    return table
+
+
+def _diffusers_name(table: Mapping[str, tuple[str, Mapping[str, str]]], name: str) -> Optional[str]:
+    parts = name.split(".")
+    for n in range(len(parts), 0, -1):
+        head = ".".join(parts[:n])
+        if head in table:
+            new, renames = table[head]
+            rest = ".".join(parts[n:])
+            rest = renames.get(rest, rest)
+            return f"{new}.{rest}" if rest else new
+    return None
+
+
+def _index(model: nn.Module, compvis_aliases: bool = False) -> dict[str, tuple[nn.Module, str]]:
+    """kohya module key -> (component root, module path in it) for every LoRA-able layer of ``model``.
+
+    ``compvis_aliases`` also accepts CompVis-named UNet keys (``lora_unet_input_blocks_1_1_...``,
+    as kohya writes for SDXL) when reading files.
+    """
+    unet = _unet(model)
+    table = _unet_layout(unet)
+    out: dict[str, tuple[nn.Module, str]] = {}
+    for name, mod in unet.named_modules():
+        if isinstance(mod, _LAYER_TYPES) or _is_lora(mod):
+            new = _diffusers_name(table, name)
+            if new is not None:
+                out["lora_unet_" + new.replace(".", "_")] = (unet, name)
+            if compvis_aliases:
+                out.setdefault("lora_unet_" + name.replace(".", "_"), (unet, name))
+    te = _text_model(model)
+    if te is not None:
+        for name, mod in te.named_modules():
+            if isinstance(mod, _LAYER_TYPES) or _is_lora(mod):
+                out["lora_te_text_model_" + name.replace(".", "_")] = (te, name)
+    return out
+
+
+# ---------------------------------------------------------------------------- peft plumbing
+def _is_lora(module: nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(module, LoraLayer)
+
+
+def _lora_layers(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    return ((n, m) for n, m in module.named_modules() if _is_lora(m))
+
+
+def _hide_base_layer(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook: ``x.base_layer.weight`` -> ``x.weight`` so base keys stay as in the checkpoint."""
+    base = prefix + "base_layer."
+    for key in [k for k in state_dict if k.startswith(prefix)]:  # re-insert all to keep key order
+        state_dict[prefix + key[len(base):] if key.startswith(base) else key] = state_dict.pop(key)
+
+
+def _expose_base_layer(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load pre-hook: the inverse of :func:`_hide_base_layer`."""
+    for leaf in ("weight", "bias"):
+        if prefix + leaf in state_dict:
+            state_dict[prefix + "base_layer." + leaf] = state_dict.pop(prefix + leaf)
+
+
+def _inject(model: nn.Module, specs: Sequence[tuple[nn.Module, Mapping[str, tuple[int, float]]]],
+            dropout: float, adapter_name: str) -> list[nn.Parameter]:
+    """Wrap ``{path: (rank, alpha)}`` layers of each root with peft LoRA; freeze all else; fp32 adapters."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if any(True for _ in _lora_layers(model)):
+        raise ValueError("model already has LoRA adapters; call merge_lora() or remove_lora() first")
+    # Remember trainability so merge/remove restore the model as it was.
+    model._lora_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    for root, spec in specs:
+        if not spec:
+            continue
+        (r0, a0), _ = Counter(spec.values()).most_common(1)[0]
+        config = LoraConfig(
+            r=r0, lora_alpha=a0, lora_dropout=dropout, target_modules=sorted(spec), init_lora_weights=True,
+            # Exact paths as patterns, so files with per-module ranks (kohya "dynamic") load too.
+            rank_pattern={re.escape(n): r for n, (r, _) in spec.items() if r != r0},
+            alpha_pattern={re.escape(n): a for n, (_, a) in spec.items() if a != a0})
+        inject_adapter_in_model(config, root, adapter_name=adapter_name)
+        del root.peft_config  # peft's bookkeeping; the layers carry rank/alpha themselves
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params: list[nn.Parameter] = []
+    for _, layer in _lora_layers(model):
+        layer.register_state_dict_post_hook(_hide_base_layer)
+        layer.register_load_state_dict_pre_hook(_expose_base_layer)
+        for sub in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
+            sub.float()  # fp32 masters: AMP cannot unscale fp16 grads, and bf16 updates underflow
+            for p in sub.parameters():
+                p.requires_grad_(True)
+                params.append(p)
+    return params
+
+
+def _unload(model: nn.Module, merge: bool) -> nn.Module:
+    for name, layer in list(_lora_layers(model)):
+        if merge:
+            layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.get_base_layer())
+    for p, flag in getattr(model, "_lora_requires_grad", []):
+        p.requires_grad_(flag)
+    if hasattr(model, "_lora_requires_grad"):
+        del model._lora_requires_grad
+    return model
+
+
+# ---------------------------------------------------------------------------- public API
+def add_lora(
+    model: nn.Module,
+    *,
+    rank: int = 4,
+    alpha: Optional[float] = None,
+    dropout: float = 0.0,
+    unet_targets: Sequence[str] = UNET_TARGETS,
+    text_encoder: bool = False,
+    text_targets: Sequence[str] = TEXT_TARGETS,
+    adapter_name: str = "default",
+) -> list[nn.Parameter]:
+    """Inject fresh LoRA adapters (B = 0, so outputs are unchanged) and freeze everything else.
+
+    Targets match module paths by suffix (``"to_q"``, ``"attn2.to_k"``, ``"proj_in"``...) among the
+    Linear/Conv2d layers of the UNet (and of the CLIP text encoder if ``text_encoder``).
+    Returns the LoRA parameters (fp32, the only ones with ``requires_grad``).
+    """
+    alpha = float(rank if alpha is None else alpha)
+    names = {v: k for k, v in _index(model).items()}  # (root, path) -> kohya key
+    specs = []
+    parts = [(_unet(model), unet_targets, "UNet")]
+    if text_encoder:
+        te = _text_model(model)
+        if te is None:
+            raise ValueError("LoRA: text_encoder=True needs an HF CLIP text encoder (cond_stage_model.transformer.text_model)")
+        parts.append((te, text_targets, "text encoder"))
+    for root, targets, what in parts:
+        spec = {n: (rank, alpha) for n, m in root.named_modules()
+                if isinstance(m, _LAYER_TYPES) and any(n == t or n.endswith("." + t) for t in targets)}
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in spec)]
+        if missing:
+            raise ValueError(f"LoRA: no Linear/Conv2d layer of the {what} matches {missing}")
+        unnamed = [n for n in spec if (root, n) not in names]
+        if unnamed:  # fail now rather than at save time
+            raise ValueError(f"LoRA: {what} layers without a kohya/diffusers name cannot be targeted: {unnamed[:3]}")
+        specs.append((root, spec))
+    return _inject(model, specs, dropout, adapter_name)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The injected adapters as kohya/A1111 tensors (fp32, CPU), keyed with diffusers module names."""
+    names = {v: k for k, v in _index(model).items()}
+    out: dict[str, torch.Tensor] = {}
+    for root in {id(r): r for r, _ in names}.values():
+        for path, layer in _lora_layers(root):
+            key = names[(root, path)]
+            for adapter in layer.lora_A:
+                out[f"{key}.lora_down.weight"] = layer.lora_A[adapter].weight.detach().float().cpu().contiguous()
+                out[f"{key}.lora_up.weight"] = layer.lora_B[adapter].weight.detach().float().cpu().contiguous()
+                out[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[adapter]))
+    return out
+
+
+def save_lora(model: nn.Module, path: Union[str, os.PathLike], metadata: Optional[Mapping[str, object]] = None) -> Path:
+    """Write :func:`lora_state_dict` as safetensors, atomically (no torn file if interrupted)."""
+    state = lora_state_dict(model)
+    if not state:
+        raise ValueError("save_lora: the model has no LoRA adapters (call add_lora or load_lora first)")
+    ranks = {v.shape[0] for k, v in state.items() if k.endswith(".lora_down.weight")}
+    alphas = {v.item() for k, v in state.items() if k.endswith(".alpha")}
+    # kohya's descriptive metadata, read by A1111 / ComfyUI for display.
+    meta = {"format": "pt", "ss_network_module": "networks.lora",
+            "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
+            "ss_network_alpha": f"{alphas.pop():g}" if len(alphas) == 1 else "Dynamic"}
+    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def load_lora(model: nn.Module, path: Union[str, os.PathLike], scale: float = 1.0, *,
+              dropout: float = 0.0, adapter_name: str = "default") -> list[nn.Parameter]:
+    """Replace any adapters with those of a kohya-format file (rank/alpha from the file), at ``scale``.
+
+    The model ends up as after :func:`add_lora` (only LoRA trainable), so training can resume from a file.
+    Raises a one-line ValueError, leaving the model untouched, if the file does not fit the model.
+    """
+    state = load_file(str(path))
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        module, _, kind = key.partition(".")
+        groups.setdefault(module, {})[kind] = tensor
+    index = _index(model, compvis_aliases=True)
+    bad = sorted(m for m, g in groups.items()
+                 if m not in index or set(g) - _KINDS or not {"lora_down.weight", "lora_up.weight"} <= set(g))
+    if bad:
+        raise ValueError(f"load_lora: {len(bad)} of {len(groups)} modules in {os.fspath(path)!r} do not match a "
+                         f"layer of this model (or are not plain LoRA), e.g. {', '.join(bad[:3])}")
+    targets: dict[str, tuple[nn.Module, str, int, float]] = {}
+    for module, g in groups.items():
+        root, name = index[module]
+        layer = root.get_submodule(name)
+        weight = layer.get_base_layer().weight if _is_lora(layer) else layer.weight
+        down, up = g["lora_down.weight"], g["lora_up.weight"]
+        r = down.shape[0]
+        if up.shape[1] != r or down.numel() != r * weight[0].numel() or up.numel() != weight.shape[0] * r:
+            raise ValueError(f"load_lora: {module} has shapes down {list(down.shape)}, up {list(up.shape)} "
+                             f"but the model's layer weight is {list(weight.shape)} (a LoRA for another model?)")
+        targets[module] = (root, name, r, float(g["alpha"]) if "alpha" in g else float(r))
+    remove_lora(model)
+    specs: dict[int, tuple[nn.Module, dict[str, tuple[int, float]]]] = {}
+    for root, name, r, a in targets.values():
+        specs.setdefault(id(root), (root, {}))[1][name] = (r, a)
+    params = _inject(model, list(specs.values()), dropout, adapter_name)
+    with torch.no_grad():
+        for module, (root, name, _, _) in targets.items():
+            layer = root.get_submodule(name)
+            for kind, sub in (("lora_down.weight", layer.lora_A), ("lora_up.weight", layer.lora_B)):
+                w = sub[adapter_name].weight
+                w.copy_(groups[module][kind].reshape(w.shape))  # 1x1 conv vs linear layouts interchange
+    set_lora_scale(model, scale)
+    return params
+
+
+def set_lora_scale(model: nn.Module, scale: float) -> None:
+    """Multiply every adapter's delta by ``scale`` (relative to alpha / r; 0 disables, 1 is as trained)."""
+    for _, layer in _lora_layers(model):
+        for adapter in layer.scaling:
+            layer.set_scale(adapter, scale)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold the (scaled) deltas into the base weights and drop the adapters: a plain model again."""
+    return _unload(model, merge=True)
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Drop the adapters without merging: the base model exactly as before :func:`add_lora`."""
+    return _unload(model, merge=False)

@@ -1,0 +1,265 @@
+"""What the generation scripts share around ``generate``: CompVis flags -> Hydra overrides, the model
+(explicit or the bundled demo) and its sampling defaults, prompts, per-image seeds, PNG metadata.
+
+    translate_argv("txt2img", ["--prompt", "a cat, sitting", "--ddim_steps", "20", "--plms"])
+    # -> ["prompt='a cat, sitting'", "steps=20", "sampler=plms"]
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.checkpoint import CheckpointError
+from ldm.util import ConfigError
+
+TASKS = ("txt2img", "img2img", "inpaint")
+DEMO_DIR = Path(__file__).resolve().parent / "assets" / "digits_demo"
+DEMO_CONFIG, DEMO_CKPT = DEMO_DIR / "config.yaml", DEMO_DIR / "model.safetensors"
+README_TABLE = "the checkpoint/config table in README.md ('Load an official checkpoint')"
+
+# Run settings and their types: drives flag translation, quoting and type checks.
+COMMON_KEYS: dict[str, type] = {
+    "prompt": str, "from_file": str, "negative_prompt": str, "config": str, "ckpt": str, "use_ema": bool,
+    "sampler": str, "steps": int, "guidance_scale": float, "guidance_rescale": float, "eta": float,
+    "discretization": str, "height": int, "width": int, "n_samples": int, "n_iter": int, "seed": int,
+    "fixed_code": bool, "precision": str, "device": str, "outdir": str, "skip_grid": bool, "skip_save": bool,
+    "n_rows": int, "regenerate": str,
+}
+TASK_KEYS: dict[str, dict[str, type]] = {
+    "txt2img": COMMON_KEYS,
+    "img2img": {**COMMON_KEYS, "init_img": str, "strength": float},
+    "inpaint": {**COMMON_KEYS, "init_img": str, "mask": str},
+}
+# Keys a model config's ``sampling:`` mapping may give defaults for.
+SAMPLING_KEYS = ("sampler", "steps", "guidance_scale", "guidance_rescale", "eta", "discretization", "height", "width",
+                 "negative_prompt", "strength")
+FLAG_ALIASES = {"ddim_steps": "steps", "scale": "guidance_scale", "H": "height", "W": "width", "ddim_eta": "eta",
+                "neg": "negative_prompt", "from-file": "from_file", "init-img": "init_img"}
+SWITCHES = {"plms": ("sampler", "plms")}  # CompVis flags that set a key without taking a value
+IGNORED_FLAGS = ("C", "f")  # CompVis latent channels / downsampling factor: read from the model config
+PRECISION_ALIASES = {"full": "fp32"}
+# Hydra's own command-line flags, passed through untouched (with their value, if any, as the next token).
+HYDRA_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--resolve", "--package", "-p", "--run",
+               "-r", "--multirun", "-m", "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
+               "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
+
+
+def hydra_quote(text: str) -> str:
+    """``text`` as a Hydra override value that reaches the config unchanged (spaces, commas, quotes, ``${``)."""
+    text = re.sub(r"(\\*)\$\{", lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", text)  # OmegaConf: literal ${
+    text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)  # Hydra: backslashes before a quote/the end
+    return "'" + text.replace("'", "\\'") + "'"
+
+
+def translate_argv(task: str, argv: Sequence[str]) -> list[str]:
+    """CompVis-style ``--flag value`` / ``--flag=value`` arguments as Hydra ``key=value`` overrides."""
+    keys = TASK_KEYS[task]
+    out: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if not arg.startswith("-"):
+            out.append(_passthrough(task, keys, arg))
+            continue
+        name, has_value, value = arg.partition("=")
+        if name in HYDRA_FLAGS:
+            out.append(arg)
+            continue
+        flag = name.lstrip("-")
+        if flag in IGNORED_FLAGS:
+            i += 0 if has_value or i >= len(args) else 1
+            continue
+        if flag in SWITCHES and not has_value:
+            key, value = SWITCHES[flag]
+            out.append(f"{key}={value}")
+            continue
+        key = FLAG_ALIASES.get(flag, flag.replace("-", "_"))
+        if key not in keys:
+            hint = "; see --help" if key not in {k for t in TASK_KEYS.values() for k in t} else f" (not an option of {task})"
+            raise ValueError(f"unknown option {name}{hint}")
+        if not has_value:
+            if keys[key] is bool:
+                value = "true"
+            elif i < len(args):
+                value, i = args[i], i + 1
+            else:
+                raise ValueError(f"{name} needs a value")
+        out.append(f"{key}={_typed(key, keys[key], value, name)}")
+    return out
+
+
+def _passthrough(task: str, keys: Mapping[str, type], arg: str) -> str:
+    """A ``key=value`` override as typed; string values are quoted unless already quoted or ``null``."""
+    key, eq, value = arg.partition("=")
+    bare = key.lstrip("+~")
+    if not eq or bare.startswith(("hydra.", "hydra/")) or bare == "sampling":
+        return arg
+    if bare not in keys:
+        raise ValueError(f"unknown setting {bare!r} for {task}; known: {', '.join(sorted(keys))}")
+    quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+    if keys[bare] is str and quoted:
+        return arg
+    return f"{key}={_typed(bare, keys[bare], value, bare)}"
+
+
+def _typed(key: str, kind: type, value: str, name: str) -> str:
+    """``value`` checked against the key's type, in override syntax; one-line error on a bad value."""
+    if value.strip() == "null":
+        return "null"
+    if kind is str:
+        if key == "precision":
+            value = PRECISION_ALIASES.get(value, value)
+        return hydra_quote(value)
+    if kind is bool:
+        lowered = value.strip().lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return "true"
+        if lowered in ("false", "0", "no", "off"):
+            return "false"
+        raise ValueError(f"{name} expects true or false, got {value!r}")
+    try:
+        return str(kind(value))
+    except ValueError:
+        raise ValueError(f"{name} expects {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+
+
+def override_keys(overrides: Iterable[str]) -> set[str]:
+    """The setting names a list of Hydra overrides sets (``+``/``~`` prefixes dropped)."""
+    return {str(o).partition("=")[0].lstrip("+~") for o in overrides}
+
+
+def resolve_model(config: Optional[str], ckpt: Optional[str]) -> tuple[Path, Path]:
+    """(config, checkpoint) paths, absolute: as given, or the bundled demo model when neither is."""
+    if config is None and ckpt is None:
+        if not (DEMO_CONFIG.is_file() and DEMO_CKPT.is_file()):
+            raise ConfigError(f"no model given and the bundled demo model ({DEMO_CKPT}) is not installed; pass --ckpt and --config")
+        return DEMO_CONFIG, DEMO_CKPT
+    if config is None:
+        raise ConfigError(f"--ckpt needs --config, the model YAML that matches it; see {README_TABLE}")
+    if ckpt is None:
+        raise ConfigError(f"--config needs --ckpt, the weights to sample from; see {README_TABLE}")
+    config_path, ckpt_path = Path(config).expanduser().absolute(), Path(ckpt).expanduser().absolute()
+    if not config_path.is_file():
+        raise ConfigError(f"config file {config!r} not found; pass the model YAML, see {README_TABLE}")
+    if not ckpt_path.is_file():
+        raise CheckpointError(f"checkpoint not found: {ckpt}; check the path")
+    return config_path, ckpt_path
+
+
+def model_sampling_defaults(config_path: Path) -> dict[str, Any]:
+    """The ``sampling:`` mapping of a model config (e.g. the demo's native size and steps), or {}."""
+    try:
+        node = OmegaConf.load(config_path).get("sampling")
+    except Exception as err:  # YAML errors run over several lines
+        raise ConfigError(f"config file {str(config_path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if node is None:
+        return {}
+    defaults = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    if not isinstance(defaults, dict) or set(defaults) - set(SAMPLING_KEYS):
+        raise ConfigError(f"'sampling:' in {config_path} must map some of {', '.join(SAMPLING_KEYS)} to values")
+    return defaults
+
+
+def apply_model_defaults(cfg: DictConfig, defaults: Mapping[str, Any], user_keys: Iterable[str]) -> DictConfig:
+    """A copy of ``cfg`` taking ``defaults`` for the keys it has that the user did not set."""
+    out = cfg.copy()
+    given = set(user_keys)
+    for key, value in defaults.items():
+        if key in out and key not in given:
+            out[key] = value
+    return out
+
+
+def apply_regeneration(cfg: DictConfig, meta: Mapping[str, Any]) -> DictConfig:
+    """A copy of ``cfg`` that reproduces the one image ``meta`` describes (only outdir/device stay the user's)."""
+    out = cfg.copy()
+    for key in ("prompt", "negative_prompt", "sampler", "steps", "guidance_scale", "guidance_rescale", "eta",
+                "discretization", "height", "width", "precision", "config", "ckpt", "use_ema", "seed",
+                "strength", "init_img", "mask"):
+        if key in out:
+            out[key] = meta.get(key, out[key])
+    missing = [k for k in ("prompt", "seed", "config", "ckpt", "model_sha256") if meta.get(k) is None]
+    if missing:
+        raise ValueError(f"the PNG's metadata lacks {', '.join(missing)}; it cannot be regenerated")
+    out.update(from_file=None, n_samples=1, n_iter=1, fixed_code=False, skip_grid=True, skip_save=False)
+    return out
+
+
+def read_prompts(prompt: Optional[str], from_file: Optional[str]) -> list[str]:
+    """The run's prompts: ``prompt``, or one per non-empty line of ``from_file``."""
+    if prompt is not None and from_file is not None:
+        raise ValueError("give --prompt or --from-file, not both")
+    if from_file is not None:
+        path = Path(from_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {from_file!r} not found")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot read prompt file {from_file!r}: {type(err).__name__}") from None
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise ValueError(f"prompt file {from_file!r} has no prompts (it is empty or only whitespace)")
+        return prompts
+    if prompt is None or not str(prompt).strip():
+        raise ValueError("no prompt; pass --prompt TEXT or --from-file FILE (one prompt per line)")
+    return [str(prompt)]
+
+
+def image_seeds(seed: int, count: int, fixed_code: bool = False) -> list[int]:
+    """Seed of each image of a run: ``seed + k`` for image k (all prompts, samples, iterations), or all ``seed``."""
+    return [seed] * count if fixed_code else [seed + k for k in range(count)]
+
+
+def ldm_version() -> str:
+    """Package version, plus the git commit of a source checkout (read from .git, no git process)."""
+    try:
+        version = importlib.metadata.version("ldm")
+    except importlib.metadata.PackageNotFoundError:
+        import ldm
+
+        version = getattr(ldm, "__version__", "0.0.0")
+    commit = _git_commit(Path(__file__).resolve().parents[1] / ".git")
+    return f"{version}+g{commit[:10]}" if commit else version
+
+
+def _git_commit(git_dir: Path) -> Optional[str]:
+    try:
+        head = (git_dir / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head[5:]
+        if (git_dir / ref).is_file():
+            return (git_dir / ref).read_text().strip()
+        for line in (git_dir / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
+        pass
+    return None
+
+
+def build_metadata(task: str, settings: Mapping[str, Any], *, prompt: str, seed: int, config: Path, ckpt: Path,
+                   model_sha256: str, inputs: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """Everything needed to reproduce one image, as recorded in its PNG."""
+    meta = {key: settings.get(key) for key in ("negative_prompt", "sampler", "steps", "guidance_scale", "guidance_rescale",
+                                               "eta", "discretization", "height", "width", "precision", "use_ema")}
+    if task == "img2img":
+        meta["strength"] = settings.get("strength")
+    meta.update(prompt=prompt, seed=seed, config=str(config), ckpt=str(ckpt), model_sha256=model_sha256,
+                ldm_version=ldm_version(), script=task, **dict(inputs or {}))
+    return meta
+
+
+def check_outdir(outdir: str) -> Path:
+    path = Path(os.path.expanduser(outdir))
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"outdir {outdir!r} exists and is not a directory")
+    return path

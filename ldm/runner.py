@@ -1,0 +1,257 @@
+"""Run a generation task from its settings: validate, load the model, generate, write the outputs.
+
+This is what ``scripts/txt2img.py``, ``img2img.py`` and ``inpaint.py`` are made of; from Python:
+
+    job = prepare(cfg, "txt2img", user_keys={"prompt", "steps"})   # validates; writes nothing
+    result = execute(job)                                             # samples/, grid, config.yaml
+
+Outputs: ``outdir/samples/NNNNN.png`` (numbering continues), ``outdir/grid-NNNN.png`` and
+``outdir/config.yaml`` (the effective settings); every PNG records how to regenerate it.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.api import load_config, load_model
+from ldm.checkpoint import CheckpointError
+from ldm.files import atomic_write, sha256_file
+from ldm.generation import PRECISIONS, check_size, generate
+from ldm.image_io import image_to_tensor, make_grid, mask_to_tensor, open_image, read_metadata, save_png
+from ldm.models.diffusion.sampling import DISCRETIZATIONS, SAMPLERS, sampler_names
+from ldm.run_config import (PRECISION_ALIASES, TASKS, apply_model_defaults, apply_regeneration, build_metadata,
+                            check_outdir, image_seeds, model_sampling_defaults, override_keys, read_prompts,
+                            resolve_model, translate_argv)
+from ldm.util import ConfigError
+
+USER_ERRORS = (ValueError, ConfigError, CheckpointError, FileNotFoundError)
+SAMPLE_PATTERN, GRID_PATTERN = r"(\d+)\.png", r"grid-(\d+)\.png"
+
+
+@dataclass
+class Job:
+    """A validated run: effective settings and every input, read."""
+
+    task: str
+    settings: DictConfig
+    prompts: list[str]
+    config: Path
+    ckpt: Path
+    model_sha256: str
+    outdir: Path
+    init_image: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+    inputs: dict[str, Any] = field(default_factory=dict)  # input paths and hashes, for the metadata
+
+
+@dataclass
+class RunResult:
+    samples: list[Path]
+    grid: Optional[Path]
+    config: Path
+
+
+def prepare(cfg: DictConfig, task: str, user_keys: Iterable[str] = ()) -> Job:
+    """Check ``cfg`` and read its inputs; one-line errors, nothing written.
+
+    ``user_keys`` are the settings the user gave: the model config's ``sampling:`` defaults fill the others.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    meta = None
+    if cfg.get("regenerate"):
+        meta = read_metadata(cfg.regenerate)
+        if meta.get("script", task) != task:
+            raise ValueError(f"{cfg.regenerate} was made by {meta['script']}; regenerate it with scripts/{meta['script']}.py")
+        cfg = apply_regeneration(cfg, meta)
+        user_keys = set(cfg.keys())  # the recorded values win over any defaults
+    config, ckpt = resolve_model(cfg.config, cfg.ckpt)
+    s = apply_model_defaults(cfg, model_sampling_defaults(config), user_keys)
+    s.precision = PRECISION_ALIASES.get(s.precision, s.precision)
+    s.device = _device(s.device)
+    s.negative_prompt = s.negative_prompt or ""
+    s.config, s.ckpt = str(config), str(ckpt)  # config.yaml then works from any directory
+    _check_settings(s, task, int(load_config(config).params.get("timesteps", 1000)))
+    prompts = read_prompts(s.prompt, s.from_file)
+    job = Job(task, s, prompts, config, ckpt, "", check_outdir(s.outdir))
+    if task == "txt2img":
+        if s.height is None or s.width is None:
+            raise ValueError("height and width are needed: pass --H and --W")
+        check_size(s.height, s.width)
+    else:
+        _read_inputs(job)
+    job.model_sha256 = sha256_file(ckpt)
+    if meta is not None:
+        _check_recorded_hashes(job, meta, cfg.regenerate)
+    return job
+
+
+def execute(job: Job, model: Optional[torch.nn.Module] = None, *, progress: bool = True) -> RunResult:
+    """Generate ``job``'s images and write them, the grid and ``config.yaml`` into its outdir."""
+    s = job.settings
+    if model is None:
+        model = load_model(job.config, job.ckpt, device=s.device, use_ema=bool(s.use_ema))
+    job.outdir.mkdir(parents=True, exist_ok=True)
+    sample_dir = job.outdir / "samples"
+    if not s.skip_save:
+        sample_dir.mkdir(exist_ok=True)
+    index = _next_index(sample_dir, SAMPLE_PATTERN)
+    per_iteration = len(job.prompts) * s.n_samples
+    seeds = image_seeds(s.seed, per_iteration * s.n_iter, s.fixed_code)
+    extra = {"strength": s.strength} if job.task == "img2img" else {}
+    samples, shown, k = [], [], 0
+    for _ in range(s.n_iter):
+        for prompt in job.prompts:  # one call per prompt: n_samples images, saved as soon as they exist
+            batch, k = seeds[k : k + s.n_samples], k + s.n_samples
+            images = generate(model, [prompt] * len(batch), seeds=batch, negative_prompt=s.negative_prompt,
+                              sampler=s.sampler, steps=s.steps, guidance_scale=s.guidance_scale,
+                              guidance_rescale=s.guidance_rescale, eta=s.eta, discretization=s.discretization,
+                              height=s.height, width=s.width, init_image=job.init_image, mask=job.mask,
+                              precision=s.precision, progress=progress, **extra)
+            for image, seed in zip(images, batch):
+                if not s.skip_save:
+                    meta = build_metadata(job.task, s, prompt=prompt, seed=seed, config=job.config, ckpt=job.ckpt,
+                                          model_sha256=job.model_sha256, inputs=job.inputs)
+                    samples.append(save_png(image, sample_dir / f"{index:05d}.png", meta))
+                    index += 1
+            if not s.skip_grid:
+                shown.append(images.cpu())
+    grid = None
+    if shown:
+        grid = job.outdir / f"grid-{_next_index(job.outdir, GRID_PATTERN):04d}.png"
+        save_png(make_grid(torch.cat(shown), s.n_rows or per_iteration), grid)
+    config_file = job.outdir / "config.yaml"
+    atomic_write(config_file, OmegaConf.to_yaml(s, resolve=True))
+    return RunResult(samples, grid, config_file)
+
+
+def run_task(cfg: DictConfig, task: str, user_keys: Iterable[str] = ()) -> RunResult:
+    """:func:`prepare` then :func:`execute`, printing where the outputs went."""
+    result = execute(prepare(cfg, task, user_keys))
+    if result.samples:
+        print(f"{len(result.samples)} image(s) in {result.samples[0].parent}: {', '.join(p.name for p in result.samples)}")
+    if result.grid:
+        print(f"grid: {result.grid}")
+    print(f"settings: {result.config}")
+    return result
+
+
+class ValidateFirst(Callback):
+    """Validates before Hydra creates its run dir (= outdir), so a bad run leaves no directory behind."""
+
+    def on_run_start(self, config: DictConfig, config_name: Optional[str] = None, **kwargs: Any) -> None:
+        if config_name in TASKS:
+            report_errors(lambda: prepare(config, config_name, override_keys(config.hydra.overrides.task)))
+
+
+def hydra_task(cfg: DictConfig, task: str) -> None:
+    """Body of a script's ``@hydra.main`` function: run ``task`` with the user's overrides."""
+    from hydra.core.hydra_config import HydraConfig
+
+    keys = override_keys(HydraConfig.get().overrides.task) if HydraConfig.initialized() else set()
+    report_errors(lambda: run_task(cfg, task, keys))
+
+
+def run_script(main: Callable[[], Any], task: str, argv: Optional[Sequence[str]] = None) -> int:
+    """Call a script's Hydra ``main`` with ``argv`` (CompVis flags translated); returns the exit code."""
+    try:
+        overrides = report_errors(lambda: translate_argv(task, sys.argv[1:] if argv is None else argv))
+    except SystemExit as err:
+        return int(err.code or 0)
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else task] + overrides
+    try:
+        main()
+    except SystemExit as err:
+        return err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def report_errors(fn: Callable[[], Any]) -> Any:
+    """``fn()``; a user error becomes one ``error:`` line on stderr and exit code 2."""
+    try:
+        return fn()
+    except USER_ERRORS as err:
+        lines = str(err).strip().splitlines()
+        print(f"error: {lines[0] if lines else type(err).__name__}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _device(name: str) -> str:
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    return name
+
+
+def _check_settings(s: DictConfig, task: str, timesteps: int) -> None:
+    if s.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(sampler_names())}")
+    if s.discretization is not None and s.discretization not in DISCRETIZATIONS:
+        raise ValueError(f"unknown discretization {s.discretization!r}; use one of {', '.join(DISCRETIZATIONS)}")
+    if s.eta not in (None, 0) and "eta" not in SAMPLERS[s.sampler].options:
+        raise ValueError(f"sampler {s.sampler!r} is deterministic and takes no eta; use ddim, ddpm, euler_a or dpmpp_2m_sde")
+    if s.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {s.precision!r}; use full, autocast, {', '.join(PRECISIONS)}")
+    if not 1 <= s.steps <= timesteps:
+        raise ValueError(f"steps must be in [1, {timesteps}], got {s.steps}")
+    for key in ("n_samples", "n_iter"):
+        if s[key] < 1:
+            raise ValueError(f"{key} must be at least 1, got {s[key]}")
+    if s.n_rows < 0 or s.seed < 0:
+        raise ValueError(f"n_rows and seed must not be negative, got {s.n_rows} and {s.seed}")
+    if task == "img2img" and not 0.0 <= s.strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {s.strength}")
+
+
+def _read_inputs(job: Job) -> None:
+    """Read the init image (and mask) and settle the output size: as asked, else the image's, to a multiple of 8."""
+    s = job.settings
+    if not s.init_img:
+        raise ValueError(f"{job.task} needs an init image: pass --init-img FILE")
+    image = open_image(s.init_img, "init image")
+    mask = None
+    if job.task == "inpaint":
+        if not s.mask:
+            raise ValueError("inpaint needs a mask (white = repaint): pass --mask FILE")
+        mask = open_image(s.mask, "mask")
+        if mask.size != image.size:
+            raise ValueError(f"mask is {mask.width}x{mask.height} but the init image is {image.width}x{image.height}; they must match")
+    s.height = s.height if s.height is not None else image.height // 8 * 8
+    s.width = s.width if s.width is not None else image.width // 8 * 8
+    check_size(s.height, s.width)
+    job.init_image = image_to_tensor(image, (s.height, s.width))
+    job.inputs = {"init_img": str(Path(s.init_img).absolute()), "init_img_sha256": sha256_file(s.init_img, cache=False)}
+    if mask is not None:
+        job.mask = mask_to_tensor(mask, (s.height, s.width))
+        job.inputs.update(mask=str(Path(s.mask).absolute()), mask_sha256=sha256_file(s.mask, cache=False))
+
+
+def _check_recorded_hashes(job: Job, meta: dict, png: str) -> None:
+    """Regeneration reproduces an image only from the very same files: refuse when one changed."""
+    current = {"model_sha256": (job.ckpt, job.model_sha256), **{
+        f"{k}_sha256": (job.inputs[k], job.inputs[f"{k}_sha256"]) for k in ("init_img", "mask") if k in job.inputs}}
+    for key, (path, digest) in current.items():
+        if meta.get(key) is not None and meta[key] != digest:
+            raise ValueError(f"{path} has changed since {png} was made (sha256 {digest[:12]}..., recorded {meta[key][:12]}...); "
+                             "its image cannot be reproduced")
+
+
+def _next_index(folder: Path, pattern: str) -> int:
+    """One past the highest number among files in ``folder`` named like ``pattern``, so runs never overwrite."""
+    if not folder.is_dir():
+        return 0
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := re.fullmatch(pattern, p.name))]
+    return max(numbers, default=-1) + 1

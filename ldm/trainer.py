@@ -1,0 +1,177 @@
+"""Build and run a training job from a composed (Hydra) config: model, data, callbacks, Trainer.
+
+``main.py`` is only the Hydra entry; everything a Python user of training needs is here.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.callbacks import EMAExport, ImageLogger, SkippedImagesLogger, write_metrics
+from ldm.checkpoint import CheckpointError, check_state_dict, load_into_model, read_state_dict
+from ldm.data.datamodule import DataModuleFromConfig
+from ldm.training_state import AtomicCheckpointIO, ExactResume
+from ldm.util import ConfigError, instantiate_from_config
+
+
+def resolve_resume(resume: Optional[str]) -> tuple[Optional[Path], Optional[Path]]:
+    """(checkpoint, run dir) for ``resume=<run dir | .ckpt>``."""
+    if not resume:
+        return None, None
+    path = Path(resume)
+    if path.is_dir():
+        ckpt = path / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"resume: {ckpt} not found; pass a run directory with checkpoints/last.ckpt or a .ckpt file")
+        return ckpt, path
+    if path.is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+        return path, run_dir
+    raise FileNotFoundError(f"resume: {path} does not exist; pass a run directory or a .ckpt file")
+
+
+def build_model(cfg: DictConfig) -> pl.LightningModule:
+    model = instantiate_from_config(cfg.model)
+    lr = float(cfg.model.get("base_learning_rate", 1e-4))
+    if cfg.get("scale_lr", False):
+        accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1) or 1)
+        devices = cfg.trainer.get("devices", 1)
+        n_dev = devices if isinstance(devices, int) and devices > 0 else 1
+        lr = lr * accumulate * n_dev * int(cfg.data.batch_size)
+    model.learning_rate = lr
+    if cfg.get("init_from"):
+        state = read_state_dict(cfg.init_from)
+        load_into_model(model, state, strict=True, ignore_keys=("model_ema.",) if not getattr(model, "use_ema", False) else (),
+                        optional_keys=("*.embeddings.position_ids", "model_ema.*", "lvlb_weights"))
+    if cfg.get("lora"):
+        from ldm.lora import add_lora
+
+        add_lora(model, **OmegaConf.to_container(cfg.lora, resolve=True))
+    return model
+
+
+def check_resume_compatible(model: torch.nn.Module, ckpt: Path, experiment: str) -> None:
+    """A clear error when resuming from a checkpoint of another architecture."""
+    state = torch.load(ckpt, map_location="meta", weights_only=False, mmap=True).get("state_dict", {})
+    try:
+        check_state_dict(model, state, strict=True)
+    except CheckpointError as err:
+        first, *rest = str(err).splitlines()
+        raise CheckpointError("\n".join([f"resume: {ckpt} was trained with another architecture than experiment "
+                                         f"'{experiment}' ({first.split('(', 1)[-1].split(')')[0]}); resume with the "
+                                         "experiment and overrides the run used", *rest])) from None
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", auto_insert_metric_name=False,
+                        every_n_train_steps=int(cfg.checkpoint.every_n_train_steps), save_last=True,
+                        save_top_k=-1 if cfg.checkpoint.get("keep_all", False) else 1),
+        ExactResume(ckpt_dir),
+        LearningRateMonitor(logging_interval="step"),
+        TQDMProgressBar(refresh_rate=int(cfg.get("progress_refresh", 10))),
+        SkippedImagesLogger(),
+    ]
+    il = cfg.get("image_logger")
+    if il and il.get("prompts"):
+        opts = OmegaConf.to_container(il, resolve=True)
+        callbacks.append(ImageLogger(run_dir / "images", opts.pop("prompts"), every_n_steps=opts.pop("every_n_steps", 0),
+                                     **opts))
+    debug = cfg.get("debug") or {}
+    if debug.get("kill_at_step") or debug.get("dump_checksums"):
+        callbacks.append(DebugHooks(run_dir, debug.get("kill_at_step"), bool(debug.get("dump_checksums"))))
+    if cfg.get("export", {}).get("enabled", True):
+        sampling = OmegaConf.to_container(cfg.export.get("sampling", {}) or {}, resolve=True)
+        callbacks.append(EMAExport(run_dir / "export", OmegaConf.to_container(cfg.model, resolve=True), sampling,
+                                   cfg.export.get("dtype")))
+    return callbacks
+
+
+class DebugHooks(pl.Callback):
+    """Fault injection and cross-rank checks for tests: SIGKILL before a given step; per-rank weight checksums."""
+
+    def __init__(self, run_dir: Path, kill_at_step: Optional[int], dump_checksums: bool):
+        self.run_dir, self.kill_at_step, self.dump_checksums = run_dir, kill_at_step, dump_checksums
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.kill_at_step is not None and trainer.global_step >= int(self.kill_at_step):
+            os.kill(os.getpid(), signal.SIGKILL)  # like a crash: no cleanup, no final checkpoint
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.dump_checksums:
+            sums = {k: float(v.double().sum()) for k, v in pl_module.state_dict().items() if v.is_floating_point()}
+            write_metrics(self.run_dir / f"checksums-rank{trainer.global_rank}.json", sums)
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    loggers: list = []
+    for name in cfg.get("loggers", ["csv"]):
+        if name == "csv":
+            loggers.append(CSVLogger(run_dir, name="", version=""))
+        elif name == "tensorboard":
+            try:
+                from lightning.pytorch.loggers import TensorBoardLogger
+
+                loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
+            except ModuleNotFoundError:
+                print("tensorboard is not installed; logging to CSV only (pip install tensorboard)")
+        else:
+            raise ConfigError(f"unknown logger {name!r}; use csv and/or tensorboard")
+    return loggers
+
+
+# Frozen first/cond stages are in eval mode on purpose; the batch size is logged explicitly.
+warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+warnings.filterwarnings("ignore", message=".*infer the `batch_size` from an ambiguous collection.*")
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Fit the configured model; returns the final metrics (also written to ``run_dir/metrics.json``)."""
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    ckpt, resume_dir = resolve_resume(cfg.get("resume"))
+    run_dir = resume_dir or run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(cfg)
+    if ckpt is not None:
+        check_resume_compatible(model, ckpt, str(cfg.get("name", "?")))
+    data_kwargs = OmegaConf.to_container(cfg.data, resolve=True)
+    data = DataModuleFromConfig(**data_kwargs)
+    data.setup("fit")  # fail fast on data problems (missing folder, batch larger than the dataset)
+    trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), default_root_dir=str(run_dir),
+                         callbacks=build_callbacks(cfg, run_dir), logger=build_loggers(cfg, run_dir),
+                         plugins=[AtomicCheckpointIO()])
+    _save_config(cfg, run_dir)
+    trainer.fit(model, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
+    metrics = {k: v for k, v in trainer.callback_metrics.items() if isinstance(v, (torch.Tensor, float, int))}
+    metrics["global_step"] = trainer.global_step
+    if trainer.world_size == 1 and data.dataset_configs.get("validation") is not None and "val/loss" not in metrics:
+        metrics.update({k: v for k, v in (trainer.validate(model, datamodule=data, verbose=False) or [{}])[0].items()})
+    if cfg.get("evaluate", {}).get("digits", False) and trainer.is_global_zero:
+        from ldm.digit_metrics import evaluate_digits
+
+        ev = cfg.evaluate
+        with model.ema_scope():
+            result = evaluate_digits(model.eval(), per_digit=int(ev.get("per_digit", 10)),
+                                     **OmegaConf.to_container(ev.get("sampling", {}) or {}, resolve=True))
+        metrics["digit_accuracy"] = result["digit_accuracy"]
+        metrics.update({f"digit_accuracy/{k}": v for k, v in result["per_digit"].items()})
+    if trainer.is_global_zero:
+        write_metrics(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _save_config(cfg: DictConfig, run_dir: Path) -> None:
+    path = run_dir / "config.yaml"
+    tmp = path.with_name(f".config.yaml.tmp-{os.getpid()}")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, path)

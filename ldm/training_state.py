@@ -1,0 +1,116 @@
+"""What makes a run resumable exactly: RNG states, data position, atomic checkpoints, SIGTERM.
+
+Lightning restores weights, optimizer, LR schedulers, EMA buffers and loop counters from a
+checkpoint. ``ExactResume`` adds the rest: every RNG (torch, CUDA, NumPy, Python) and the position
+inside the current epoch's data order, so a resumed run continues with the very same batches
+and random draws as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written to a temporary name in the same folder, then renamed."""
+
+    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Optional[Any] = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            torch.save(checkpoint, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _rng_state() -> dict:
+    # Plain tensors / ints / tuples only, so the checkpoint loads with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ExactResume(pl.Callback):
+    """Save/restore RNG states and the data position; save and stop cleanly on SIGTERM."""
+
+    def __init__(self, checkpoint_dir: str | os.PathLike):
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self._rng_to_restore: Optional[dict] = None
+        self._got_sigterm = False
+        self._previous_handler: Any = None
+
+    # -- data position -------------------------------------------------------------------
+    @staticmethod
+    def _consumed(trainer: pl.Trainer) -> tuple[int, int]:
+        """(epoch, samples of that epoch's order already used, over all ranks)."""
+        loop = trainer.fit_loop.epoch_loop
+        batches = loop.batch_progress.current.completed
+        batch_size = trainer.datamodule.batch_size if trainer.datamodule is not None else 0
+        return trainer.current_epoch, batches * batch_size * trainer.world_size
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        epoch, consumed = self._consumed(trainer)
+        checkpoint["ldm_resume"] = {"rng": _rng_state(), "epoch": epoch, "consumed": consumed}
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        state = checkpoint.get("ldm_resume")
+        if state is None:
+            return
+        self._rng_to_restore = state["rng"]
+        dm = trainer.datamodule
+        if dm is not None and hasattr(dm, "resume_position"):
+            dm.resume_position = (state["epoch"], state["consumed"])
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Restored last, after Lightning and the data pipeline have done their own seeding.
+        if self._rng_to_restore is not None:
+            _set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    # -- SIGTERM: finish the current step, save, stop ---------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        def handler(signum, frame):
+            self._got_sigterm = True
+
+        try:
+            self._previous_handler = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (e.g. some launchers): leave signals alone
+            self._previous_handler = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if self._got_sigterm:
+            trainer.save_checkpoint(self.checkpoint_dir / "last.ckpt")
+            print(f"SIGTERM: saved {self.checkpoint_dir / 'last.ckpt'} at step {trainer.global_step}; resume with resume=<run dir>")
+            trainer.should_stop = True
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)

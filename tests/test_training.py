@@ -1,0 +1,138 @@
+"""Training through main.py (Hydra + Lightning) on the tiny experiment: real runs, real checkpoints."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.util import instantiate_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def main_py(tmp: Path, *overrides: str, run: str = "run", check: bool = True) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(ROOT / "main.py"), "experiment=tiny", f"hydra.run.dir={tmp / run}", "loggers=[csv]",
+            "progress_refresh=0", *overrides]
+    res = subprocess.run(args, capture_output=True, text=True, env=ENV, cwd=tmp)
+    if check and res.returncode != 0:
+        raise AssertionError(f"main.py failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    return res
+
+
+def test_a_few_steps_reduce_the_loss():
+    cfg = OmegaConf.load(ROOT / "configs/experiment/tiny.yaml")
+    torch.manual_seed(0)
+    model = instantiate_from_config(cfg.model)
+    model.learning_rate = 2e-3
+    from ldm.data.digits import DigitsDataset
+
+    ds = DigitsDataset(split="train", size=16)
+    batch = {"image": torch.stack([ds[i]["image"] for i in range(16)]), "txt": [ds[i]["txt"] for i in range(16)]}
+    model.ucg_training = {}
+    x, c = model.get_input(batch, "image")
+    t = torch.randint(0, 1000, (16,), generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    opt = model.configure_optimizers()
+    before = model.p_losses(x, c, t, noise)[0].item()
+    for _ in range(30):
+        loss, _ = model.p_losses(x, c, t, noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.p_losses(x, c, t, noise)[0].item()
+    assert after < 0.7 * before, (before, after)
+    # Only the UNet trained: frozen stages got no gradients.
+    assert all(p.grad is None for p in model.first_stage_model.parameters())
+    assert all(p.grad is None for p in model.cond_stage_model.parameters())
+
+
+def test_main_trains_checkpoints_and_exports_for_sampling(tmp_path):
+    main_py(tmp_path, "trainer.max_steps=6", "checkpoint.every_n_train_steps=3")
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["global_step"] == 6 and "val/loss" in metrics
+    assert (run / "metrics.csv").is_file()
+    # The export loads strictly into the exported config and samples.
+    from ldm.api import load_model
+    from ldm.generation import generate
+
+    model = load_model(run / "export" / "config.yaml", run / "export" / "model.safetensors")
+    images = generate(model, ["a handwritten digit seven"], seeds=[0], height=16, width=16, steps=3, progress=False)
+    assert images.shape == (1, 3, 16, 16)
+    # The export holds the EMA weights, not the raw ones.
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    exported = model.state_dict()["model.diffusion_model.out.2.weight"]
+    assert torch.equal(exported, ckpt["model_ema.diffusion_modelout2weight"])
+    assert not torch.equal(exported, ckpt["model.diffusion_model.out.2.weight"])
+
+
+def test_exact_resume_after_a_crash(tmp_path):
+    common = ["trainer.max_steps=8", "checkpoint.every_n_train_steps=4", "export.enabled=false", "data.validation=null"]
+    main_py(tmp_path, *common, run="straight")
+    crashed = main_py(tmp_path, *common, "debug.kill_at_step=4", run="crashed", check=False)
+    assert crashed.returncode != 0  # SIGKILLed after the step-4 checkpoint
+    assert not (tmp_path / "crashed" / "checkpoints" / "step-000008.ckpt").exists()
+    main_py(tmp_path, *common, f"resume={tmp_path / 'crashed'}", run="ignored")
+    a = torch.load(tmp_path / "straight/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "crashed/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 8
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key  # weights and model_ema.* alike
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+
+
+def test_two_process_ddp_on_cpu_agrees(tmp_path):
+    main_py(tmp_path, "trainer.max_steps=3", "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+            "debug.dump_checksums=true", "export.enabled=false", "data.validation=null")
+    r0 = json.loads((tmp_path / "run" / "checksums-rank0.json").read_text())
+    r1 = json.loads((tmp_path / "run" / "checksums-rank1.json").read_text())
+    assert r0 == r1
+    fresh = instantiate_from_config(OmegaConf.load(ROOT / "configs/experiment/tiny.yaml").model)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    assert r0[key] != pytest.approx(float(fresh.state_dict()[key].double().sum()))  # it did train
+
+
+def test_image_folder_with_corrupt_image_and_missing_caption_trains(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("RGB", (20, 24), (40 * i, 100, 200)).save(folder / f"{i}.png")
+        if i != 5:
+            (folder / f"{i}.txt").write_text(f"a colour swatch number {i}")
+    (folder / "broken.png").write_bytes(b"not a png at all" * 10)
+    res = main_py(tmp_path, "trainer.max_steps=2", "data.batch_size=2", "export.enabled=false", "data.validation=null",
+                  f"data.train={{target: ldm.data.image_folder.ImageFolderDataset, params: {{root: '{folder}', size: 16}}}}")
+    log = (tmp_path / "run" / "metrics.csv").read_text()
+    assert "data/skipped_images" in log
+    assert "skipped 1 unreadable image" in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["experiment=nope"], "available experiments"),
+    (["trainer.max_stepz=3"], "max_stepz"),
+    (["data.batch_size=5000"], "lower data.batch_size"),
+    (["data.train={target: ldm.data.image_folder.ImageFolderDataset, params: {root: /no/such/folder}}"], "/no/such/folder"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, overrides, needle):
+    res = main_py(tmp_path, *overrides, check=False)
+    assert res.returncode == 2, res.stderr[-2000:]
+    err = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert err[-1].startswith("error:") and needle in err[-1], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+
+
+def test_resume_from_another_architecture_is_refused(tmp_path):
+    main_py(tmp_path, "trainer.max_steps=2", "export.enabled=false", "data.validation=null")
+    res = main_py(tmp_path, f"resume={tmp_path / 'run'}", "model.params.unet_config.params.model_channels=64",
+                  run="other", check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "another architecture" in res.stderr and "shape mismatches" in res.stderr
