@@ -41,7 +41,8 @@ def open_image(path: PathLike, what: str = "image") -> Image.Image:
             img.load()
             return ImageOps.exif_transpose(img)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read {what} {str(p)!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"cannot read {what} {str(p)!r}: {reason}") from None
 
 
 def image_to_tensor(img: Image.Image, size: Optional[Size] = None) -> torch.Tensor:

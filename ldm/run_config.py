@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import re
@@ -43,10 +44,12 @@ FLAG_ALIASES = {"ddim_steps": "steps", "scale": "guidance_scale", "H": "height",
 SWITCHES = {"plms": ("sampler", "plms")}  # CompVis flags that set a key without taking a value
 IGNORED_FLAGS = ("C", "f")  # CompVis latent channels / downsampling factor: read from the model config
 PRECISION_ALIASES = {"full": "fp32"}
-# Hydra's own command-line flags, passed through untouched (with their value, if any, as the next token).
-HYDRA_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--resolve", "--package", "-p", "--run",
-               "-r", "--multirun", "-m", "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
-               "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
+CHOICE_KEYS = ("sampler", "discretization", "precision", "device")  # str keys whose values are never free text
+# Hydra's own command-line flags, passed through untouched; the value-taking ones with their next token.
+HYDRA_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--resolve", "--run", "-r", "--multirun", "-m",
+               "--shell-completion", "-sc"}
+HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+                     "-cd", "--info", "-i", "--experimental-rerun"}
 
 
 def hydra_quote(text: str) -> str:
@@ -69,12 +72,16 @@ def translate_argv(task: str, argv: Sequence[str]) -> list[str]:
             out.append(_passthrough(task, keys, arg))
             continue
         name, has_value, value = arg.partition("=")
-        if name in HYDRA_FLAGS:
+        if name in HYDRA_FLAGS | HYDRA_VALUE_FLAGS:
             out.append(arg)
+            if name in HYDRA_VALUE_FLAGS and not has_value and i < len(args) and not args[i].startswith("-"):
+                out.append(args[i])
+                i += 1
             continue
         flag = name.lstrip("-")
         if flag in IGNORED_FLAGS:
-            i += 0 if has_value or i >= len(args) else 1
+            if not has_value and i < len(args):
+                i += 1  # skip its value
             continue
         if flag in SWITCHES and not has_value:
             key, value = SWITCHES[flag]
@@ -96,17 +103,25 @@ def translate_argv(task: str, argv: Sequence[str]) -> list[str]:
 
 
 def _passthrough(task: str, keys: Mapping[str, type], arg: str) -> str:
-    """A ``key=value`` override as typed; string values are quoted unless already quoted or ``null``."""
+    """A Hydra ``key=value`` override: free-text values are quoted (so commas and quotes stay text) unless
+    already quoted; other values are type-checked, and sweeps (``seed=1,2``, ``range(3)``) kept for ``-m``."""
     key, eq, value = arg.partition("=")
     bare = key.lstrip("+~")
+    if not eq and not key.startswith("~"):
+        raise ValueError(f"unexpected argument {arg!r}; options are --flag value or key=value (e.g. --prompt {arg!r})")
     if not eq or bare.startswith(("hydra.", "hydra/")) or bare == "sampling":
         return arg
     if bare not in keys:
         raise ValueError(f"unknown setting {bare!r} for {task}; known: {', '.join(sorted(keys))}")
     quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
-    if keys[bare] is str and quoted:
+    if quoted or (keys[bare] is str and bare in CHOICE_KEYS):
         return arg
-    return f"{key}={_typed(bare, keys[bare], value, bare)}"
+    try:
+        return f"{key}={_typed(bare, keys[bare], value, bare)}"
+    except ValueError:
+        if "," in value or "(" in value:  # a sweep: Hydra checks it
+            return arg
+        raise
 
 
 def _typed(key: str, kind: type, value: str, name: str) -> str:
@@ -139,7 +154,8 @@ def resolve_model(config: Optional[str], ckpt: Optional[str]) -> tuple[Path, Pat
     """(config, checkpoint) paths, absolute: as given, or the bundled demo model when neither is."""
     if config is None and ckpt is None:
         if not (DEMO_CONFIG.is_file() and DEMO_CKPT.is_file()):
-            raise ConfigError(f"no model given and the bundled demo model ({DEMO_CKPT}) is not installed; pass --ckpt and --config")
+            raise ConfigError(f"no model given and the bundled demo model ({DEMO_CKPT}) is not installed; "
+                              "pass --ckpt and --config")
         return DEMO_CONFIG, DEMO_CKPT
     if config is None:
         raise ConfigError(f"--ckpt needs --config, the model YAML that matches it; see {README_TABLE}")
@@ -218,6 +234,7 @@ def image_seeds(seed: int, count: int, fixed_code: bool = False) -> list[int]:
     return [seed] * count if fixed_code else [seed + k for k in range(count)]
 
 
+@functools.lru_cache(maxsize=None)
 def ldm_version() -> str:
     """Package version, plus the git commit of a source checkout (read from .git, no git process)."""
     try:

@@ -136,7 +136,8 @@ def run_task(cfg: DictConfig, task: str, user_keys: Iterable[str] = ()) -> RunRe
     """:func:`prepare` then :func:`execute`, printing where the outputs went."""
     result = execute(prepare(cfg, task, user_keys))
     if result.samples:
-        print(f"{len(result.samples)} image(s) in {result.samples[0].parent}: {', '.join(p.name for p in result.samples)}")
+        names = result.samples[0].name + (f" .. {result.samples[-1].name}" if len(result.samples) > 1 else "")
+        print(f"{len(result.samples)} image(s) in {result.samples[0].parent}: {names}")
     if result.grid:
         print(f"grid: {result.grid}")
     print(f"settings: {result.config}")
@@ -197,6 +198,10 @@ def _device(name: str) -> str:
 
 
 def _check_settings(s: DictConfig, task: str, timesteps: int) -> None:
+    for key in ("sampler", "steps", "guidance_scale", "guidance_rescale", "n_samples", "n_iter", "seed", "n_rows",
+                "precision", "strength"):
+        if key in s and s[key] is None:
+            raise ValueError(f"{key} must be set (it is null)")
     if s.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(sampler_names())}")
     if s.discretization is not None and s.discretization not in DISCRETIZATIONS:
@@ -210,8 +215,9 @@ def _check_settings(s: DictConfig, task: str, timesteps: int) -> None:
     for key in ("n_samples", "n_iter"):
         if s[key] < 1:
             raise ValueError(f"{key} must be at least 1, got {s[key]}")
-    if s.n_rows < 0 or s.seed < 0:
-        raise ValueError(f"n_rows and seed must not be negative, got {s.n_rows} and {s.seed}")
+    for key in ("n_rows", "seed"):
+        if s[key] < 0:
+            raise ValueError(f"{key} must not be negative, got {s[key]}")
     if task == "img2img" and not 0.0 <= s.strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {s.strength}")
 
@@ -228,7 +234,8 @@ def _read_inputs(job: Job) -> None:
             raise ValueError("inpaint needs a mask (white = repaint): pass --mask FILE")
         mask = open_image(s.mask, "mask")
         if mask.size != image.size:
-            raise ValueError(f"mask is {mask.width}x{mask.height} but the init image is {image.width}x{image.height}; they must match")
+            raise ValueError(f"mask is {mask.width}x{mask.height} but the init image is {image.width}x{image.height}; "
+                             "they must match")
     s.height = s.height if s.height is not None else image.height // 8 * 8
     s.width = s.width if s.width is not None else image.width // 8 * 8
     check_size(s.height, s.width)
