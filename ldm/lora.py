@@ -21,8 +21,9 @@ import os
 import re
 import tempfile
 from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import takewhile
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -48,7 +49,7 @@ def _unet(model: nn.Module) -> nn.Module:
     return unet
 
 
-def _text_model(model: nn.Module) -> Optional[nn.Module]:
+def _text_model(model: nn.Module) -> nn.Module | None:
     """The HF CLIP text tower (SD 1.x FrozenCLIPEmbedder), or None for other conditioners."""
     te = getattr(getattr(getattr(model, "cond_stage_model", None), "transformer", None), "text_model", None)
     return te if te is not None and hasattr(te, "encoder") and hasattr(te.encoder, "layers") else None
@@ -86,7 +87,7 @@ def _unet_layout(unet: nn.Module) -> dict[str, tuple[str, Mapping[str, str]]]:
     return table
 
 
-def _diffusers_name(table: Mapping[str, tuple[str, Mapping[str, str]]], name: str) -> Optional[str]:
+def _diffusers_name(table: Mapping[str, tuple[str, Mapping[str, str]]], name: str) -> str | None:
     parts = name.split(".")
     for n in range(len(parts), 0, -1):
         head = ".".join(parts[:n])
@@ -136,7 +137,8 @@ def _lora_layers(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def _hide_base_layer(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """State-dict post-hook: ``x.base_layer.weight`` -> ``x.weight`` so base keys stay as in the checkpoint."""
     base = prefix + "base_layer."
-    for key in [k for k in state_dict if k.startswith(prefix)]:  # re-insert all to keep key order
+    # This layer's entries were just appended: re-insert them (renamed) at the end to keep key order.
+    for key in reversed(list(takewhile(lambda k: k.startswith(prefix), reversed(state_dict)))):
         state_dict[prefix + key[len(base):] if key.startswith(base) else key] = state_dict.pop(key)
 
 
@@ -152,8 +154,6 @@ def _inject(model: nn.Module, specs: Sequence[tuple[nn.Module, Mapping[str, tupl
     """Wrap ``{path: (rank, alpha)}`` layers of each root with peft LoRA; freeze all else; fp32 adapters."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    if any(True for _ in _lora_layers(model)):
-        raise ValueError("model already has LoRA adapters; call merge_lora() or remove_lora() first")
     # Remember trainability so merge/remove restore the model as it was.
     model._lora_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     for root, spec in specs:
@@ -199,7 +199,7 @@ def add_lora(
     model: nn.Module,
     *,
     rank: int = 4,
-    alpha: Optional[float] = None,
+    alpha: float | None = None,
     dropout: float = 0.0,
     unet_targets: Sequence[str] = UNET_TARGETS,
     text_encoder: bool = False,
@@ -212,6 +212,8 @@ def add_lora(
     Linear/Conv2d layers of the UNet (and of the CLIP text encoder if ``text_encoder``).
     Returns the LoRA parameters (fp32, the only ones with ``requires_grad``).
     """
+    if any(True for _ in _lora_layers(model)):
+        raise ValueError("model already has LoRA adapters; call merge_lora() or remove_lora() first")
     alpha = float(rank if alpha is None else alpha)
     names = {v: k for k, v in _index(model).items()}  # (root, path) -> kohya key
     specs = []
@@ -235,20 +237,20 @@ def add_lora(
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The injected adapters as kohya/A1111 tensors (fp32, CPU), keyed with diffusers module names."""
+    """The injected adapters as kohya/A1111 tensors (fp32 CPU copies), keyed with diffusers module names."""
     names = {v: k for k, v in _index(model).items()}
     out: dict[str, torch.Tensor] = {}
     for root in {id(r): r for r, _ in names}.values():
         for path, layer in _lora_layers(root):
             key = names[(root, path)]
             for adapter in layer.lora_A:
-                out[f"{key}.lora_down.weight"] = layer.lora_A[adapter].weight.detach().float().cpu().contiguous()
-                out[f"{key}.lora_up.weight"] = layer.lora_B[adapter].weight.detach().float().cpu().contiguous()
+                out[f"{key}.lora_down.weight"] = layer.lora_A[adapter].weight.detach().float().cpu().clone()
+                out[f"{key}.lora_up.weight"] = layer.lora_B[adapter].weight.detach().float().cpu().clone()
                 out[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[adapter]))
     return out
 
 
-def save_lora(model: nn.Module, path: Union[str, os.PathLike], metadata: Optional[Mapping[str, object]] = None) -> Path:
+def save_lora(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, object] | None = None) -> Path:
     """Write :func:`lora_state_dict` as safetensors, atomically (no torn file if interrupted)."""
     state = lora_state_dict(model)
     if not state:
@@ -273,7 +275,7 @@ def save_lora(model: nn.Module, path: Union[str, os.PathLike], metadata: Optiona
     return path
 
 
-def load_lora(model: nn.Module, path: Union[str, os.PathLike], scale: float = 1.0, *,
+def load_lora(model: nn.Module, path: str | os.PathLike, scale: float = 1.0, *,
               dropout: float = 0.0, adapter_name: str = "default") -> list[nn.Parameter]:
     """Replace any adapters with those of a kohya-format file (rank/alpha from the file), at ``scale``.
 
