@@ -4,13 +4,22 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test bench-load
+.PHONY: setup test demo demo-model bench-load bench-txt2img
 
 setup:
 	@LDM_VENV=$(VENV) bash scripts/setup_env.sh
+
+demo: setup
+	$(PY) scripts/txt2img.py --prompt "a handwritten digit seven" --n_samples 8
+
+demo-model: setup
+	$(PY) scripts/build_demo.py
 
 test: setup
 	$(PY) -m pytest -q tests
 
 bench-load: setup
 	$(PY) benchmarks/bench_load.py
+
+bench-txt2img: setup
+	$(PY) benchmarks/bench_txt2img.py

@@ -43,7 +43,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--skip-diffusers", action="store_true")
     args = parser.parse_args()
@@ -69,6 +69,7 @@ def main() -> None:
         img = generate(model, [PROMPT], seeds=[0], steps=args.steps, height=h, width=w, precision=precision,
                        callback=timer, progress=False)
         results[name] = {"step": timer.per_step(), "total": time.perf_counter() - t0, "image": img}
+        print(f"  {name}: {results[name]['step']:.2f} s/step", flush=True)
         if channels_last:
             model.model.diffusion_model.to(memory_format=torch.contiguous_format)
 
@@ -86,6 +87,7 @@ def main() -> None:
         img = pipe(PROMPT, height=h, width=w, num_inference_steps=args.steps, guidance_scale=7.5, latents=noise,
                    output_type="pt", callback_on_step_end=lambda p, i, t, kw: (timer(), kw)[1]).images
         results["diffusers fp32"] = {"step": timer.per_step(), "total": time.perf_counter() - t0, "image": img}
+        print(f"  diffusers fp32: {results['diffusers fp32']['step']:.2f} s/step", flush=True)
 
     ref = results["ours fp32"]["image"]
     peer = results.get("diffusers fp32")
@@ -94,7 +96,7 @@ def main() -> None:
     for name, r in results.items():
         ratio = f"{peer['step'] / r['step']:.2f}x" if peer else "-"
         quality = "-" if name == "ours fp32" else f"{psnr(r['image'], ref):.1f} dB"
-        print(f"{name:28s} {r['step']:8.2f} {60 / r['total']:8.2f} {ratio:>19s} {quality:>13s}")
+        print(f"{name:28s} {r['step']:8.2f} {60 / r['total']:8.2f} {ratio:>19s} {quality:>13s}", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,29 +10,15 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
 
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+from ldm.files import atomic_write
+from ldm.image_io import make_grid, save_png
 
 
 def save_grid(images: torch.Tensor, path: Path, n_cols: int) -> None:
     """Images [B, 3, H, W] in [0, 1] as one PNG grid (atomic)."""
-    b, c, h, w = images.shape
-    n_rows = -(-b // n_cols)
-    canvas = torch.ones(c, n_rows * h, n_cols * w)
-    for i, img in enumerate(images.float().cpu()):
-        r, col = divmod(i, n_cols)
-        canvas[:, r * h:(r + 1) * h, col * w:(col + 1) * w] = img
-    array = (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    _atomic_write_bytes(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(make_grid(images.float().cpu(), n_cols), path)
 
 
 class ImageLogger(pl.Callback):
@@ -74,18 +60,23 @@ def export_for_sampling(pl_module: pl.LightningModule, model_config: Any, out_di
     """Write ``model.safetensors`` (EMA weights when the model has them, no ``model_ema.*``) and the
     ``config.yaml`` (model config with ``use_ema: false`` and sampling defaults) the scripts load directly."""
     from ldm.checkpoint import save_state_dict
+    from ldm.lora import has_lora, merge_lora, save_lora
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach() for k, v in pl_module.state_dict().items() if not k.startswith("model_ema.")}
     ema = getattr(pl_module, "model_ema", None) if getattr(pl_module, "use_ema", False) else None
+    if has_lora(pl_module):
+        # Training is over: put the EMA weights in, keep the adapters as a LoRA file, then fold them in.
+        if ema is not None:
+            ema.copy_to(pl_module.model)
+            ema = None
+        save_lora(pl_module, out_dir / "lora.safetensors")
+        merge_lora(pl_module)
+    state = {k: v.detach() for k, v in pl_module.state_dict().items() if not k.startswith("model_ema.")}
     if ema is not None:
         shadow = dict(ema.named_buffers())
         for name, s_name in ema.m_name2s_name.items():
             state[f"model.{name}"] = shadow[s_name].detach()
-    lora = getattr(pl_module, "lora_merged_state", None)
-    if lora is not None:
-        state = lora(state)
     save_state_dict(state, out_dir / "model.safetensors", dtype=dtype)
     cfg = OmegaConf.create({"model": OmegaConf.to_container(OmegaConf.create(model_config), resolve=True)})
     if _is_diffusion(cfg.model.target):
@@ -97,7 +88,7 @@ def export_for_sampling(pl_module: pl.LightningModule, model_config: Any, out_di
         fs.params.pop("ckpt_path", None)  # the export carries the first stage's weights itself
     if sampling:
         cfg.sampling = sampling
-    _atomic_write_bytes(out_dir / "config.yaml", lambda tmp: tmp.write_text(OmegaConf.to_yaml(cfg)))
+    atomic_write(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     return out_dir / "model.safetensors"
 
 
@@ -137,4 +128,4 @@ class SkippedImagesLogger(pl.Callback):
 
 def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
     clean = {k: (float(v) if isinstance(v, (torch.Tensor, np.floating, float, int)) else v) for k, v in metrics.items()}
-    _atomic_write_bytes(Path(path), lambda tmp: tmp.write_text(json.dumps(clean, indent=2, sort_keys=True)))
+    atomic_write(Path(path), json.dumps(clean, indent=2, sort_keys=True))

@@ -319,6 +319,11 @@ def load_lora(model: nn.Module, path: str | os.PathLike, scale: float = 1.0, *,
     return params
 
 
+def has_lora(model: nn.Module) -> bool:
+    """Whether any LoRA adapter is injected in ``model``."""
+    return any(True for _ in _lora_layers(model))
+
+
 def set_lora_scale(model: nn.Module, scale: float) -> None:
     """Multiply every adapter's delta by ``scale`` (relative to alpha / r; 0 disables, 1 is as trained)."""
     for _, layer in _lora_layers(model):

@@ -19,8 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.callbacks import EMAExport, ImageLogger, SkippedImagesLogger, write_metrics
 from ldm.checkpoint import CheckpointError, check_state_dict, load_into_model, read_state_dict
 from ldm.data.datamodule import DataModuleFromConfig
+from ldm.files import atomic_write
 from ldm.training_state import AtomicCheckpointIO, ExactResume
 from ldm.util import ConfigError, instantiate_from_config
+
+
+def _plain(node: Any) -> dict:
+    """A config node (possibly empty or None) as a plain dict."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node or {})
 
 
 def resolve_resume(resume: Optional[str]) -> tuple[Optional[Path], Optional[Path]]:
@@ -56,6 +62,10 @@ def build_model(cfg: DictConfig) -> pl.LightningModule:
         from ldm.lora import add_lora
 
         add_lora(model, **OmegaConf.to_container(cfg.lora, resolve=True))
+        if getattr(model, "use_ema", False):  # track the adapters, which are now the trainable parameters
+            from ldm.modules.ema import LitEma
+
+            model.model_ema = LitEma(model.model, decay=float(model.model_ema.decay))
     return model
 
 
@@ -91,7 +101,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
     if debug.get("kill_at_step") or debug.get("dump_checksums"):
         callbacks.append(DebugHooks(run_dir, debug.get("kill_at_step"), bool(debug.get("dump_checksums"))))
     if cfg.get("export", {}).get("enabled", True):
-        sampling = OmegaConf.to_container(cfg.export.get("sampling", {}) or {}, resolve=True)
+        sampling = _plain(cfg.export.get("sampling"))
         callbacks.append(EMAExport(run_dir / "export", OmegaConf.to_container(cfg.model, resolve=True), sampling,
                                    cfg.export.get("dtype")))
     return callbacks
@@ -162,7 +172,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         ev = cfg.evaluate
         with model.ema_scope():
             result = evaluate_digits(model.eval(), per_digit=int(ev.get("per_digit", 10)),
-                                     **OmegaConf.to_container(ev.get("sampling", {}) or {}, resolve=True))
+                                     **_plain(ev.get("sampling")))
         metrics["digit_accuracy"] = result["digit_accuracy"]
         metrics.update({f"digit_accuracy/{k}": v for k, v in result["per_digit"].items()})
     if trainer.is_global_zero:
@@ -171,7 +181,4 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def _save_config(cfg: DictConfig, run_dir: Path) -> None:
-    path = run_dir / "config.yaml"
-    tmp = path.with_name(f".config.yaml.tmp-{os.getpid()}")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
+    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

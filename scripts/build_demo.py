@@ -30,12 +30,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="logs/demo")
     parser.add_argument("--vae-steps", type=int, default=600)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--reuse-vae", action="store_true", help="keep an existing stage-1 export in --work")
     parser.add_argument("--no-install", action="store_true")
     args = parser.parse_args()
     work = (ROOT / args.work).resolve()
     t0 = time.time()
-    run(["main.py", "experiment=digits_autoencoder", f"trainer.max_steps={args.vae_steps}", f"hydra.run.dir={work / 'vae'}"])
+    if not (args.reuse_vae and (work / "vae" / "export" / "model.safetensors").is_file()):
+        run(["main.py", "experiment=digits_autoencoder", f"trainer.max_steps={args.vae_steps}", f"hydra.run.dir={work / 'vae'}"])
     t1 = time.time()
     run(["main.py", "experiment=digits", f"trainer.max_steps={args.steps}", f"hydra.run.dir={work / 'ldm'}",
          f"model.params.first_stage_config.params.ckpt_path={work / 'vae' / 'export' / 'model.safetensors'}"])

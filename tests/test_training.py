@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def main_py(tmp: Path, *overrides: str, run: str = "run", check: bool = True) -> subprocess.CompletedProcess:
+def main_py(tmp: Path, *overrides: str, run: str = "run", check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     args = [sys.executable, str(ROOT / "main.py"), "experiment=tiny", f"hydra.run.dir={tmp / run}", "loggers=[csv]",
             "progress_refresh=0", *overrides]
-    res = subprocess.run(args, capture_output=True, text=True, env=ENV, cwd=tmp)
+    res = subprocess.run(args, capture_output=True, text=True, env={**ENV, **(env or {})}, cwd=tmp)
     if check and res.returncode != 0:
         raise AssertionError(f"main.py failed ({res.returncode}):\n{res.stderr[-3000:]}")
     return res
@@ -90,7 +90,8 @@ def test_exact_resume_after_a_crash(tmp_path):
 
 def test_two_process_ddp_on_cpu_agrees(tmp_path):
     main_py(tmp_path, "trainer.max_steps=3", "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-            "debug.dump_checksums=true", "export.enabled=false", "data.validation=null")
+            "debug.dump_checksums=true", "export.enabled=false", "data.validation=null",
+            env={"OMP_NUM_THREADS": "1"})  # two processes on two cores: one thread each
     r0 = json.loads((tmp_path / "run" / "checksums-rank0.json").read_text())
     r1 = json.loads((tmp_path / "run" / "checksums-rank1.json").read_text())
     assert r0 == r1
@@ -136,3 +137,46 @@ def test_resume_from_another_architecture_is_refused(tmp_path):
                   run="other", check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "another architecture" in res.stderr and "shape mismatches" in res.stderr
+
+
+def test_sweep_runs_and_gathers(tmp_path):
+    args = [sys.executable, str(ROOT / "main.py"), "-m", "experiment=tiny", "loggers=[csv]", "progress_refresh=0",
+            "trainer.max_steps=2", "export.enabled=false", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            "model.base_learning_rate=1e-4,1e-3"]
+    res = subprocess.run(args, capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    gathered = subprocess.run([sys.executable, str(ROOT / "scripts/gather_sweep.py"), str(tmp_path / "sweep")],
+                              capture_output=True, text=True, env=ENV)
+    assert gathered.returncode == 0, gathered.stderr
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "sweep" / "sweep.csv").open()))
+    assert sorted(r["model.base_learning_rate"] for r in rows) == ["1e-3", "1e-4"]
+    assert all(float(r["val/loss"]) > 0 for r in rows)
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_lora_training_under_mixed_precision(tmp_path, precision):
+    main_py(tmp_path, "trainer.max_steps=3", f"trainer.precision={precision}", "lora={rank: 4, text_encoder: true}",
+            "data.validation=null")
+    run = tmp_path / "run"
+    from ldm.api import load_model
+    from ldm.lora import load_lora
+
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    lora_keys = [k for k in ckpt if ".lora_" in k]
+    assert lora_keys and all(ckpt[k].dtype == torch.float32 for k in lora_keys)
+    assert any("cond_stage_model" in k for k in lora_keys)
+    import lightning.pytorch as pl
+
+    pl.seed_everything(23, verbose=False)  # the run's seed: the same initial (frozen) weights
+    fresh = instantiate_from_config(OmegaConf.load(ROOT / "configs/experiment/tiny.yaml").model)
+    base = fresh.state_dict()
+    frozen = [k for k in base if k in ckpt and not k.startswith("model_ema.")]
+    assert all(torch.equal(base[k], ckpt[k]) for k in frozen), "only LoRA weights may change"
+    assert any(ckpt[k].abs().sum() > 0 for k in lora_keys if "lora_B" in k), "adapters did not train"
+    # The export is the merged model, plus the adapters as a kohya-format file.
+    merged = load_model(run / "export" / "config.yaml", run / "export" / "model.safetensors")
+    load_lora(fresh, run / "export" / "lora.safetensors")
+    assert merged is not None and (run / "export" / "lora.safetensors").stat().st_size > 0

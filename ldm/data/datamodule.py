@@ -149,7 +149,9 @@ class DataModuleFromConfig(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True, drop_last=self.drop_last)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if "validation" not in self.dataset_configs:
+            return []  # no validation configured: Lightning skips the loop
         return self._loader("validation", shuffle=self.shuffle_val_dataloader, drop_last=False)
 
     def test_dataloader(self) -> DataLoader:

@@ -46,11 +46,10 @@ class DiffusionTrainingMixin:
             self.model_ema(self.model)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if getattr(self, "cond_stage_trainable", False) and self.cond_stage_model is not None:
-            params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
-        if getattr(self, "learn_logvar", False):
-            params.append(self.logvar)
+        """Whatever requires grad: the UNet, a trainable cond stage, LoRA adapters, a learned logvar."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters; check cond_stage_trainable / lora settings")
         return params
 
     def configure_optimizers(self):

@@ -25,6 +25,26 @@ class AbstractEncoder(nn.Module):
         raise NotImplementedError
 
 
+class TextEncoder(AbstractEncoder):
+    """What the CLIP-style text encoders share: device following, freezing, tokenizing, ``encode``."""
+
+    tokenizer: CLIPTokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return _module_device(self)
+
+    def freeze(self) -> None:
+        """Eval mode and no gradients for every parameter."""
+        _freeze(self)
+
+    def tokenize(self, text: str | Sequence[str]) -> torch.LongTensor:
+        return self.tokenizer(text)
+
+    def encode(self, text: str | Sequence[str]) -> torch.Tensor:
+        return self(text)
+
+
 def encode_long(encoder: Any, text: str | Sequence[str], min_chunks: int = 1) -> torch.Tensor:
     """Prompts of any length: each 75-token chunk is encoded as its own 77-token window and the
     windows' features are concatenated, ``[B, n_chunks * 77, width]``. A prompt that fits is one
@@ -79,7 +99,7 @@ class _HFTextTransformer(nn.Module):
         return self.text_model(input_ids=input_ids, **kwargs)
 
 
-class FrozenCLIPEmbedder(AbstractEncoder):
+class FrozenCLIPEmbedder(TextEncoder):
     """OpenAI CLIP text encoder (SD 1.x; SD 2.x-style ``layer`` selection) returning token features."""
 
     LAYERS = ("last", "pooled", "hidden", "penultimate")
@@ -129,17 +149,6 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         if freeze:
             self.freeze()
 
-    @property
-    def device(self) -> torch.device:
-        return _module_device(self)
-
-    def freeze(self) -> None:
-        """Eval mode and no gradients for every parameter."""
-        _freeze(self)
-
-    def tokenize(self, text: str | Sequence[str]) -> torch.LongTensor:
-        return self.tokenizer(text)
-
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Features for already tokenized ``[B, max_length]`` ids."""
         out = self.transformer(input_ids=tokens.to(self.device), output_hidden_states=self.layer == "hidden")
@@ -158,8 +167,6 @@ class FrozenCLIPEmbedder(AbstractEncoder):
             return self.encode_tokens(self.tokenize(text))
         return encode_long(self, text)
 
-    def encode(self, text: str | Sequence[str]) -> torch.Tensor:
-        return self(text)
 
 
 # open_clip always builds the image tower too; it is deleted right away, so build a minimal
@@ -167,7 +174,7 @@ class FrozenCLIPEmbedder(AbstractEncoder):
 _TINY_VISION_CFG: dict[str, Any] = dict(image_size=14, patch_size=14, layers=1, width=64, head_width=64)
 
 
-class FrozenOpenCLIPEmbedder(AbstractEncoder):
+class FrozenOpenCLIPEmbedder(TextEncoder):
     """OpenCLIP text encoder as used by SD 2.x (keys ``model.*``, text tower only)."""
 
     LAYERS = ("last", "penultimate")
@@ -212,17 +219,6 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         if freeze:
             self.freeze()
 
-    @property
-    def device(self) -> torch.device:
-        return _module_device(self)
-
-    def freeze(self) -> None:
-        """Eval mode and no gradients for every parameter."""
-        _freeze(self)
-
-    def tokenize(self, text: str | Sequence[str]) -> torch.LongTensor:
-        return self.tokenizer(text)
-
     def text_transformer_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run all resblocks except the last ``layer_idx`` ones (x in the transformer's own layout)."""
         blocks = self.model.transformer.resblocks
@@ -252,8 +248,6 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         """``[B, 77 * n_chunks, width]``: long prompts are encoded in chunks (see :func:`encode_long`)."""
         return encode_long(self, text)
 
-    def encode(self, text: str | Sequence[str]) -> torch.Tensor:
-        return self(text)
 
 
 class ClassEmbedder(nn.Module):

@@ -6,7 +6,7 @@ eps or v as CompVis and diffusers do.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 

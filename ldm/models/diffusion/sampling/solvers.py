@@ -96,27 +96,6 @@ def sample_plms(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, step: S
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, step: Step, noise: Optional[Noise] = None) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022), multistep in log-sigma; first-order first and last steps."""
-    old_x0, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        x0 = denoise(x, _sig(s, x))
-        step(i, x, x0)
-        if s_next == 0:
-            x = x0
-            continue
-        h = s.log() - s_next.log()
-        x0_d = x0
-        if old_x0 is not None:
-            r = h_last / h
-            x0_d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
-        x = (s_next / s) * x - torch.expm1(-h) * x0_d
-        old_x0, h_last = x0, h
-    return x
-
-
-@torch.no_grad()
 def sample_dpmpp_2m_sde(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, step: Step, noise: Optional[Noise] = None,
                         eta: float = 1.0) -> torch.Tensor:
     """DPM-Solver++(2M) SDE (midpoint form): the 2M update with eta-scaled injected noise."""
@@ -140,3 +119,9 @@ def sample_dpmpp_2m_sde(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor,
             x = x + noise(x) * s_next * (-torch.expm1(-2 * eta_h)).sqrt()
         old_x0, h_last = x0, h
     return x
+
+
+def sample_dpmpp_2m(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, step: Step, noise: Optional[Noise] = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022): the SDE form above without noise, i.e. multistep in log-sigma
+    with first-order first and last steps."""
+    return sample_dpmpp_2m_sde(denoise, x, sigmas, step, noise, eta=0.0)
