@@ -107,7 +107,8 @@ class EMAExport(pl.Callback):
         self.out_dir, self.model_config, self.sampling = Path(out_dir), model_config, sampling
         self.dtype = getattr(torch, dtype) if dtype else None
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the last checkpoint is written: a LoRA export folds the adapters into the module.
         if trainer.is_global_zero:
             path = export_for_sampling(pl_module, self.model_config, self.out_dir, self.sampling, self.dtype)
             print(f"exported weights for sampling: {path}")

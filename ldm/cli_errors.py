@@ -51,7 +51,7 @@ def run_or_exit(hydra_main: Callable[[], object], config_dir: Path, config_name:
     args = sys.argv[1:]
     if not any(a in ("-m", "--multirun", "--help", "-h", "--hydra-help", "--cfg", "-c", "--info") or a.startswith("--")
                for a in args):
-        check_overrides(config_dir, config_name, [a for a in args if "=" in a])
+        check_overrides(config_dir, config_name, [a for a in args if "=" in a or a.startswith("~")])
     hydra_main()
 
 

@@ -69,7 +69,8 @@ class ExactResume(pl.Callback):
     def _consumed(trainer: pl.Trainer) -> tuple[int, int]:
         """(epoch, samples of that epoch's order already used, over all ranks)."""
         loop = trainer.fit_loop.epoch_loop
-        batches = loop.batch_progress.current.completed
+        # "processed": a save from on_train_batch_end happens before Lightning marks the batch completed.
+        batches = loop.batch_progress.current.processed
         batch_size = trainer.datamodule.batch_size if trainer.datamodule is not None else 0
         return trainer.current_epoch, batches * batch_size * trainer.world_size
 

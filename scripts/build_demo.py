@@ -36,14 +36,15 @@ def main() -> None:
     args = parser.parse_args()
     work = (ROOT / args.work).resolve()
     t0 = time.time()
-    if not (args.reuse_vae and (work / "vae" / "export" / "model.safetensors").is_file()):
+    reuse = args.reuse_vae and (work / "vae" / "export" / "model.safetensors").is_file()
+    if not reuse:
         run(["main.py", "experiment=digits_autoencoder", f"trainer.max_steps={args.vae_steps}", f"hydra.run.dir={work / 'vae'}"])
     t1 = time.time()
     run(["main.py", "experiment=digits", f"trainer.max_steps={args.steps}", f"hydra.run.dir={work / 'ldm'}",
          f"model.params.first_stage_config.params.ckpt_path={work / 'vae' / 'export' / 'model.safetensors'}"])
     t2 = time.time()
     metrics = json.loads((work / "ldm" / "metrics.json").read_text())
-    summary = {"autoencoder_minutes": round((t1 - t0) / 60, 1), "diffusion_minutes": round((t2 - t1) / 60, 1),
+    summary = {"autoencoder_minutes": "reused" if reuse else round((t1 - t0) / 60, 1), "diffusion_minutes": round((t2 - t1) / 60, 1),
                "digit_accuracy": metrics.get("digit_accuracy"), "val_loss": metrics.get("val/loss"),
                "per_digit": {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("digit_accuracy/")}}
     print(json.dumps(summary, indent=2))
