@@ -32,7 +32,7 @@ def test_demo_samples_are_recognised_by_an_independent_classifier():
 
 def test_quick_start_command_uses_the_demo(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "scripts/txt2img.py"), "--prompt", "a handwritten digit seven",
-                          "--n_samples", "2", "--outdir", str(tmp_path / "out")],
+                          "--n_samples", "2", "--n_iter", "1", "--outdir", str(tmp_path / "out")],
                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     pngs = sorted((tmp_path / "out" / "samples").glob("*.png"))
