@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--skip-diffusers", action="store_true")
+    parser.add_argument("--skip-bf16", action="store_true", help="skip the bf16 autocast paths")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
@@ -74,8 +75,9 @@ def main() -> None:
             model.model.diffusion_model.to(memory_format=torch.contiguous_format)
 
     run_ours("ours fp32", "fp32")
-    run_ours("ours bf16 autocast", "bf16")
-    run_ours("ours bf16 + channels_last", "bf16", channels_last=True)
+    if not args.skip_bf16:
+        run_ours("ours bf16 autocast", "bf16")
+        run_ours("ours bf16 + channels_last", "bf16", channels_last=True)
 
     if not args.skip_diffusers:
         pipe = diffusers_sd1_pipeline(model, CONFIG, Path(tempfile.mkdtemp()))
