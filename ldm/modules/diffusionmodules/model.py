@@ -104,6 +104,15 @@ def make_attn(in_channels: int, attn_type: str = "vanilla") -> nn.Module:
     return nn.Identity() if attn_type == "none" else AttnBlock(in_channels)
 
 
+def mid_block(channels: int, attn_type: str, dropout: float) -> nn.Module:
+    """ResNet, attention, ResNet at the lowest resolution (keys ``mid.block_1``, ``mid.attn_1``, ``mid.block_2``)."""
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(in_channels=channels, out_channels=channels, temb_channels=0, dropout=dropout)
+    mid.attn_1 = make_attn(channels, attn_type)
+    mid.block_2 = ResnetBlock(in_channels=channels, out_channels=channels, temb_channels=0, dropout=dropout)
+    return mid
+
+
 class Encoder(nn.Module):
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
@@ -134,10 +143,7 @@ class Encoder(nn.Module):
                 down.downsample = Downsample(block_in, resamp_with_conv)
                 curr_res //= 2
             self.down.append(down)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=0, dropout=dropout)
-        self.mid.attn_1 = make_attn(block_in, attn_type)
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=0, dropout=dropout)
+        self.mid = mid_block(block_in, attn_type, dropout)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, stride=1, padding=1)
 
@@ -170,10 +176,7 @@ class Decoder(nn.Module):
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
         self.z_shape = (1, z_channels, curr_res, curr_res)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, stride=1, padding=1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=0, dropout=dropout)
-        self.mid.attn_1 = make_attn(block_in, attn_type)
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=0, dropout=dropout)
+        self.mid = mid_block(block_in, attn_type, dropout)
         ups: list[nn.Module] = []
         for i_level in reversed(range(self.num_resolutions)):
             block, attn = nn.ModuleList(), nn.ModuleList()
