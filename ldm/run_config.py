@@ -28,7 +28,7 @@ COMMON_KEYS: dict[str, type] = {
     "prompt": str, "from_file": str, "negative_prompt": str, "config": str, "ckpt": str, "use_ema": bool,
     "sampler": str, "steps": int, "guidance_scale": float, "guidance_rescale": float, "eta": float,
     "discretization": str, "height": int, "width": int, "n_samples": int, "n_iter": int, "seed": int,
-    "fixed_code": bool, "precision": str, "device": str, "outdir": str, "skip_grid": bool, "skip_save": bool,
+    "fixed_code": bool, "precision": str, "compile": bool, "device": str, "outdir": str, "skip_grid": bool, "skip_save": bool,
     "n_rows": int, "regenerate": str,
 }
 TASK_KEYS: dict[str, dict[str, type]] = {
@@ -197,7 +197,7 @@ def apply_regeneration(cfg: DictConfig, meta: Mapping[str, Any]) -> DictConfig:
     """A copy of ``cfg`` that reproduces the one image ``meta`` describes (only outdir/device stay the user's)."""
     out = cfg.copy()
     for key in ("prompt", "negative_prompt", "sampler", "steps", "guidance_scale", "guidance_rescale", "eta",
-                "discretization", "height", "width", "precision", "config", "ckpt", "use_ema", "seed",
+                "discretization", "height", "width", "precision", "compile", "config", "ckpt", "use_ema", "seed",
                 "strength", "init_img", "mask"):
         if key in out:
             out[key] = meta.get(key, out[key])
@@ -267,7 +267,7 @@ def build_metadata(task: str, settings: Mapping[str, Any], *, prompt: str, seed:
                    model_sha256: str, inputs: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """Everything needed to reproduce one image, as recorded in its PNG."""
     meta = {key: settings.get(key) for key in ("negative_prompt", "sampler", "steps", "guidance_scale", "guidance_rescale",
-                                               "eta", "discretization", "height", "width", "precision", "use_ema")}
+                                               "eta", "discretization", "height", "width", "precision", "compile", "use_ema")}
     if task == "img2img":
         meta["strength"] = settings.get("strength")
     meta.update(prompt=prompt, seed=seed, config=str(config), ckpt=str(ckpt), model_sha256=model_sha256,

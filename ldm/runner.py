@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.api import load_config, load_model
 from ldm.checkpoint import CheckpointError
 from ldm.files import atomic_write, sha256_file
-from ldm.generation import PRECISIONS, check_size, generate
+from ldm.generation import PRECISIONS, check_size, generate, prepare_for_inference
 from ldm.image_io import image_to_tensor, make_grid, mask_to_tensor, open_image, read_metadata, save_png
 from ldm.models.diffusion.sampling import DISCRETIZATIONS, SAMPLERS, sampler_names
 from ldm.run_config import (PRECISION_ALIASES, TASKS, apply_model_defaults, apply_regeneration, build_metadata,
@@ -98,6 +98,7 @@ def execute(job: Job, model: Optional[torch.nn.Module] = None, *, progress: bool
     s = job.settings
     if model is None:
         model = load_model(job.config, job.ckpt, device=s.device, use_ema=bool(s.use_ema))
+        prepare_for_inference(model, s.precision, compile=bool(s.get("compile", False)))
     job.outdir.mkdir(parents=True, exist_ok=True)
     sample_dir = job.outdir / "samples"
     if not s.skip_save:

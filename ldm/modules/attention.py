@@ -157,7 +157,9 @@ class SpatialTransformer(nn.Module):
             x = block(x, context=context[i])
         if self.use_linear:
             x = self.proj_out(x)
-        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
+        # contiguous: the transposed view would be channels_last, and a channels_last input makes
+        # every following convolution reorder its weights (a full weight copy per call on CPU).
+        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w).contiguous()
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

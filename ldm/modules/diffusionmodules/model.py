@@ -88,7 +88,8 @@ class AttnBlock(nn.Module):
         b, c, hh, ww = h.shape
         q, k, v = (t.reshape(b, 1, c, hh * ww).transpose(-1, -2) for t in (self.q(h), self.k(h), self.v(h)))
         h = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
-        h = h.transpose(-1, -2).reshape(b, c, hh, ww)
+        # contiguous: the view would be channels_last, which slows every later convolution (see attention.py)
+        h = h.transpose(-1, -2).reshape(b, c, hh, ww).contiguous()
         return x + self.proj_out(h)
 
 
