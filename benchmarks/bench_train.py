@@ -4,7 +4,11 @@
 Ours: ``LatentDiffusion.p_losses`` (noising from the shared schedule, eps target, loss) + AdamW.
 Peer: diffusers ``UNet2DConditionModel`` (converted from ours) + ``DDPMScheduler.add_noise`` + MSE + AdamW.
 Both train on the same random latents and text contexts (first and cond stages are frozen in both,
-so they are left out). Reports steps/s and the ratio.
+so they are left out). Reports steps/s and the ratio, also for our step under bf16 autocast
+(Lightning's bf16-mixed) against the peer's fp32.
+
+A second table measures the data path of a whole training step (encode images and captions,
+loss, backward, AdamW) against the same step fed from the latent cache (``data.cache``).
 
   python benchmarks/bench_train.py [--sd-steps 3] [--sd-latent 32]
 """
@@ -74,8 +78,49 @@ def bench(name: str, config: Path, batch: int, latent: int, n: int) -> None:
         loss.backward()
         peer_opt.step()
 
-    a, b = time_steps(ours, n), time_steps(peer, n)
-    print(f"{name:34s} ours {a:7.3f} steps/s   diffusers-style {b:7.3f} steps/s   ratio {a / b:.2f}x", flush=True)
+    def ours_bf16():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            t = torch.randint(0, 1000, (batch,))
+            loss, _ = model.p_losses(z, c, t)
+        ours_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        ours_opt.step()
+
+    a, b, a16 = time_steps(ours, n), time_steps(peer, n), time_steps(ours_bf16, n)
+    print(f"{name:34s} ours {a:7.3f} steps/s   diffusers-style {b:7.3f} steps/s   ratio {a / b:.2f}x   "
+          f"ours bf16-mixed {a16:7.3f} steps/s ({a16 / b:.2f}x)", flush=True)
+
+
+def bench_cache(config: Path, batch: int, n: int) -> None:
+    """Whole step from images + captions vs from cached latents and contexts."""
+    import tempfile
+
+    from torch.utils.data import Subset
+
+    from ldm.api import build_model
+    from ldm.data.datamodule import collate
+    from ldm.data.digits import DigitsDataset
+    from ldm.data.latent_cache import CachedLatentDataset, build_cache
+
+    torch.manual_seed(0)
+    model = build_model(config).train()
+    data = Subset(DigitsDataset(split="train", size=16), range(batch))
+    images = collate([data[i] for i in range(batch)])
+    cache = CachedLatentDataset(build_cache(model, data, Path(tempfile.mkdtemp()) / "cache"))
+    cached = collate([cache[i] for i in range(batch)])
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
+
+    def step(b):
+        def run():
+            loss, _ = model.shared_step(b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return run
+
+    a, b = time_steps(step(cached), n), time_steps(step(images), n)
+    print(f"{'digits LDM step, batch ' + str(batch):34s} from cache {a:7.3f} steps/s   from images {b:7.3f} steps/s   "
+          f"ratio {a / b:.2f}x", flush=True)
 
 
 def main() -> None:
@@ -87,6 +132,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"CPU threads {torch.get_num_threads()}, fp32")
     bench("tiny UNet (configs/tiny), batch 8, 8x8", ROOT / "configs/tiny/tiny-sd1.yaml", 8, 8, args.tiny_steps)
+    bench_cache(ROOT / "configs/experiment/digits.yaml", 64, args.tiny_steps)
     if not args.skip_sd:
         bench(f"SD 1.x UNet, batch 1, {args.sd_latent}x{args.sd_latent}", ROOT / "configs/stable-diffusion/v1-inference.yaml",
               1, args.sd_latent, args.sd_steps)

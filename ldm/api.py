@@ -20,7 +20,9 @@ from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
 ConfigLike = Union[str, os.PathLike, Mapping[str, Any], DictConfig]
 
 # Keys official files may carry that current libraries do not register (see shared/reference).
-OPTIONAL_KEYS = ("*.embeddings.position_ids", "denoiser.sigmas")
+# position_ids: absent from some transformers versions' files; loss.*: an autoencoder's training-only
+# discriminator/LPIPS weights (CompVis first-stage checkpoints have them, sampling never needs them).
+OPTIONAL_KEYS = ("*.embeddings.position_ids", "denoiser.sigmas", "loss.*")
 
 
 def load_config(config: ConfigLike) -> DictConfig:

@@ -15,12 +15,14 @@ def fail(message: str) -> NoReturn:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from omegaconf.errors import OmegaConfBaseException
 
     from ldm.checkpoint import CheckpointError
     from ldm.util import ConfigError
 
-    return (*USER_ERRORS, ConfigError, CheckpointError, OmegaConfBaseException)
+    # Lightning's MisconfigurationException: e.g. gradient clipping asked of a manually optimized model.
+    return (*USER_ERRORS, ConfigError, CheckpointError, OmegaConfBaseException, MisconfigurationException)
 
 
 def first_line(err: BaseException) -> str:

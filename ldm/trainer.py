@@ -86,6 +86,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
     callbacks: list[pl.Callback] = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", auto_insert_metric_name=False,
                         every_n_train_steps=int(cfg.checkpoint.every_n_train_steps), save_last=True,
+                        enable_version_counter=False,  # last.ckpt is always the latest, also after a resume
                         save_top_k=-1 if cfg.checkpoint.get("keep_all", False) else 1),
         ExactResume(ckpt_dir),
         LearningRateMonitor(logging_interval="step"),
@@ -98,8 +99,9 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
         callbacks.append(ImageLogger(run_dir / "images", opts.pop("prompts"), every_n_steps=opts.pop("every_n_steps", 0),
                                      **opts))
     debug = cfg.get("debug") or {}
-    if debug.get("kill_at_step") or debug.get("dump_checksums"):
-        callbacks.append(DebugHooks(run_dir, debug.get("kill_at_step"), bool(debug.get("dump_checksums"))))
+    if debug.get("kill_at_step") or debug.get("sigterm_at_step") or debug.get("dump_checksums"):
+        callbacks.append(DebugHooks(run_dir, debug.get("kill_at_step"), bool(debug.get("dump_checksums")),
+                                    debug.get("sigterm_at_step")))
     if cfg.get("export", {}).get("enabled", True):
         sampling = _plain(cfg.export.get("sampling"))
         callbacks.append(EMAExport(run_dir / "export", OmegaConf.to_container(cfg.model, resolve=True), sampling,
@@ -108,14 +110,19 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
 
 
 class DebugHooks(pl.Callback):
-    """Fault injection and cross-rank checks for tests: SIGKILL before a given step; per-rank weight checksums."""
+    """Fault injection and cross-rank checks for tests: SIGKILL before a given step, SIGTERM after one
+    (like a cluster pre-emption), per-rank weight checksums."""
 
-    def __init__(self, run_dir: Path, kill_at_step: Optional[int], dump_checksums: bool):
+    def __init__(self, run_dir: Path, kill_at_step: Optional[int], dump_checksums: bool,
+                 sigterm_at_step: Optional[int] = None):
         self.run_dir, self.kill_at_step, self.dump_checksums = run_dir, kill_at_step, dump_checksums
+        self.sigterm_at_step = sigterm_at_step
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         if self.kill_at_step is not None and trainer.global_step >= int(self.kill_at_step):
             os.kill(os.getpid(), signal.SIGKILL)  # like a crash: no cleanup, no final checkpoint
+        if self.sigterm_at_step is not None and trainer.global_step == int(self.sigterm_at_step):
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while step sigterm_at_step + 1 runs
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.dump_checksums:
@@ -155,8 +162,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if ckpt is not None:
         check_resume_compatible(model, ckpt, str(cfg.get("name", "?")))
     data_kwargs = OmegaConf.to_container(cfg.data, resolve=True)
+    cache = data_kwargs.pop("cache", None) or {}
     data = DataModuleFromConfig(**data_kwargs)
     data.setup("fit")  # fail fast on data problems (missing folder, batch larger than the dataset)
+    fid = _plain(cfg.get("evaluate", {}).get("fid"))
+    if fid.get("weights"):
+        from ldm.fid import check_fid_setup
+
+        check_fid_setup(fid["weights"])  # a missing file or package fails now, not after training
+    if cache.get("enabled"):
+        use_latent_cache(cfg, model, data, cache, run_dir)
     trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), default_root_dir=str(run_dir),
                          callbacks=build_callbacks(cfg, run_dir), logger=build_loggers(cfg, run_dir),
                          plugins=[AtomicCheckpointIO()])
@@ -175,9 +190,32 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                      **_plain(ev.get("sampling")))
         metrics["digit_accuracy"] = result["digit_accuracy"]
         metrics.update({f"digit_accuracy/{k}": v for k, v in result["per_digit"].items()})
+    if fid.get("weights") and trainer.is_global_zero:
+        from ldm.fid import evaluate_fid
+
+        sampling = {**_plain(cfg.evaluate.get("sampling")), **(fid.pop("sampling", None) or {})}
+        with model.ema_scope():
+            metrics["fid"] = evaluate_fid(model.eval(), data, fid.pop("weights"), sampling=sampling, **fid)
     if trainer.is_global_zero:
         write_metrics(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def use_latent_cache(cfg: DictConfig, model: pl.LightningModule, data: DataModuleFromConfig, cache: dict,
+                     run_dir: Path) -> Path:
+    """Encode the training set once (first stage, and the frozen text encoder) and train from the cache."""
+    import json
+
+    from ldm.data.latent_cache import CachedLatentDataset, build_cache
+
+    cache_dir = Path(cache.get("dir") or run_dir / "latent_cache")
+    text_encoder_trains = bool((cfg.get("lora") or {}).get("text_encoder", False))
+    dataset_id = json.dumps(OmegaConf.to_container(cfg.data.train, resolve=True), sort_keys=True)
+    # Every process builds (or reuses) it: DDP ranks start before any could wait for another; writes are atomic.
+    build_cache(model, data.datasets["train"], cache_dir, dataset_id=dataset_id, flip=bool(cache.get("flip", False)),
+                batch_size=int(cache.get("batch_size", 16)), with_context=not text_encoder_trains)
+    data.datasets["train"] = CachedLatentDataset(cache_dir)
+    return cache_dir
 
 
 def _save_config(cfg: DictConfig, run_dir: Path) -> None:

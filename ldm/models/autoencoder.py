@@ -1,10 +1,19 @@
 """``AutoencoderKL``: the first stage that maps images to latents and back.
 
 The network and the latent distribution live here; first-stage training losses are
-configured through ``lossconfig`` and run by the Lightning hooks in this module.
+configured through ``lossconfig`` and run by the Lightning hooks in this module:
+
+* ``lossconfig: null``: MSE + ``kl_weight`` * KL, one optimizer (the bundled demo).
+* a loss with a ``discriminator`` (``ldm.modules.losses.LPIPSWithDiscriminator``): Lightning manual
+  optimization, an autoencoder step then a discriminator step on every batch. Lightning counts
+  both in ``global_step``, so ``trainer.max_steps`` is twice the number of batches; the loss's
+  ``disc_start`` counts batches, as in CompVis. Lightning refuses ``trainer.gradient_clip_val``
+  and ``accumulate_grad_batches`` with manual optimization; multi-GPU runs need
+  ``trainer.strategy=ddp_find_unused_parameters_true`` (each step leaves one network without gradients).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -42,6 +51,11 @@ class AutoencoderKL(pl.LightningModule):
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         self.embed_dim = embed_dim
         self.kl_weight = kl_weight
+        self.learn_logvar = learn_logvar
+        if isinstance(getattr(self.loss, "logvar", None), nn.Parameter):
+            self.loss.logvar.requires_grad_(learn_logvar)  # a fixed logvar (CompVis) gets no gradient at all
+        if self.has_discriminator:
+            self.automatic_optimization = False  # two optimizers per batch, stepped in _adversarial_losses
         if monitor is not None:
             self.monitor = monitor
         if ckpt_path is not None:
@@ -72,6 +86,16 @@ class AutoencoderKL(pl.LightningModule):
     def get_last_layer(self) -> torch.Tensor:
         return self.decoder.conv_out.weight
 
+    @property
+    def has_discriminator(self) -> bool:
+        return isinstance(getattr(self.loss, "discriminator", None), nn.Module)
+
+    @property
+    def loss_step(self) -> int:
+        """Training batches so far: the step a loss's ``disc_start`` refers to."""
+        # Manual optimization counts every optimizer step in global_step: two per batch here.
+        return self.global_step // 2 if self.has_discriminator else self.global_step
+
     # Lightning surface: a plain reconstruction + KL objective unless lossconfig supplies one.
     def _losses(self, batch: dict) -> dict[str, Any]:
         x = self.get_input(batch)
@@ -83,20 +107,52 @@ class AutoencoderKL(pl.LightningModule):
         loss = self.loss(x, rec, posterior, split="train", last_layer=self.get_last_layer())
         return loss if isinstance(loss, dict) else {"loss": loss}
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def _adversarial_losses(self, batch: dict, optimizers: Optional[Sequence[Any]] = None) -> dict[str, Any]:
+        """Autoencoder then discriminator loss; with ``optimizers`` (training) each one steps after its loss."""
+        x = self.get_input(batch)
+        step = self.loss_step
+        opt_ae, opt_disc = optimizers or (None, None)
+        with self.toggled_optimizer(opt_ae) if opt_ae is not None else contextlib.nullcontext():
+            rec, posterior = self(x)
+            losses = self.loss.generator_loss(x, rec, posterior, step, last_layer=self.get_last_layer())
+            if opt_ae is not None:
+                opt_ae.zero_grad()
+                self.manual_backward(losses["loss"])
+                opt_ae.step()
+        with self.toggled_optimizer(opt_disc) if opt_disc is not None else contextlib.nullcontext():
+            losses.update(self.loss.discriminator_loss(x, rec.detach(), step))
+            if opt_disc is not None:
+                opt_disc.zero_grad()
+                self.manual_backward(losses["disc_loss"])
+                opt_disc.step()
+        return {k: v.detach() for k, v in losses.items()}
+
+    def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
+        if self.has_discriminator:
+            losses = self._adversarial_losses(batch, self.optimizers())
+            shown = ("loss", "rec_loss", "disc_loss")
+            self.log_dict({f"train/{k}": v for k, v in losses.items() if k not in shown})
+            self.log_dict({f"train/{k}": losses[k] for k in shown}, prog_bar=True)
+            return None
         losses = self._losses(batch)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True)
         return losses["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        losses = self._losses(batch)
+        losses = self._adversarial_losses(batch) if self.has_discriminator else self._losses(batch)
         self.log_dict({f"val/{k}": v for k, v in losses.items()}, sync_dist=True)
 
     def configure_optimizers(self):
         lr = getattr(self, "learning_rate", 4.5e-6)
         params = [*self.encoder.parameters(), *self.decoder.parameters(),
                   *self.quant_conv.parameters(), *self.post_quant_conv.parameters()]
-        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9))
+        if self.learn_logvar and isinstance(getattr(self.loss, "logvar", None), nn.Parameter):
+            params.append(self.loss.logvar)
+        opt_ae = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9))
+        if not self.has_discriminator:
+            return opt_ae
+        opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
+        return [opt_ae, opt_disc]
 
 
 class IdentityFirstStage(nn.Module):

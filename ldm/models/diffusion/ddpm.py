@@ -330,6 +330,8 @@ class LatentDiffusion(DDPM):
     def get_input(self, batch: dict, k: str, cond_key: Optional[str] = None, bs: Optional[int] = None,
                   force_c_encode: bool = False, return_first_stage_outputs: bool = False, **kwargs):
         """(z, c): latents of ``batch[k]`` and the (encoded unless trainable) conditioning."""
+        if "moments" in batch:  # from ldm.data.latent_cache: the encoders already ran
+            return self._get_cached_input(batch, bs, return_first_stage_outputs)
         batch = self.drop_conditioning(batch)
         x = images_to_bchw(batch[k])[:bs]
         with torch.no_grad():
@@ -343,6 +345,36 @@ class LatentDiffusion(DDPM):
         if return_first_stage_outputs:
             return [z, c, x, self.decode_first_stage(z)]
         return [z, c]
+
+    def _get_cached_input(self, batch: dict, bs: Optional[int], return_first_stage_outputs: bool):
+        """(z, c) from cached posterior moments and contexts, drawing randomness in the uncached order."""
+        dropped = self.drop_conditioning(batch)
+        moments = batch["moments"][:bs].to(self.device, torch.float32)
+        z = self.get_first_stage_encoding(DiagonalGaussianDistribution(moments)).detach()
+        c = None
+        if self.model.conditioning_key is not None and not self.force_unconditional():
+            key = self.cond_stage_key
+            if "context" in batch:
+                c = batch["context"][:bs].to(self.device)
+                swaps = [(i, new) for i, (old, new) in enumerate(zip(batch[key], dropped[key])) if new != old][: len(c)]
+                if swaps:
+                    c = c.clone()
+                    for i, value in swaps:
+                        c[i] = self._null_context(value).to(c)
+            else:  # the text encoder trains: encode captions now
+                xc = dropped[key][:bs] if bs is not None else dropped[key]
+                c = self.get_learned_conditioning(xc) if not self.cond_stage_trainable else xc
+        if return_first_stage_outputs:
+            return [z, c, None, self.decode_first_stage(z)]
+        return [z, c]
+
+    @torch.no_grad()
+    def _null_context(self, value: str) -> torch.Tensor:
+        """Context of a classifier-free-guidance null caption (frozen text encoder: computed once)."""
+        store = self.__dict__.setdefault("_null_contexts", {})
+        if value not in store:
+            store[value] = self.get_learned_conditioning([value])[0].detach()
+        return store[value]
 
     def force_unconditional(self) -> bool:
         return self.cond_stage_model is None
