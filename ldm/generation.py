@@ -170,14 +170,18 @@ def _generate_batch(model, prompts: list[str], negative: list[str], seeds: list[
                 raise ValueError("inpainting needs init_image as well as mask")
             mask = _fit(mask, len(prompts), height, width, "mask").to(device).clamp(0, 1)
             mask = (mask > 0.5).float()
-            if getattr(model.model, "conditioning_key", None) == "hybrid":  # 9-channel inpainting model
-                masked = encode_image(model, init_image * (1 - mask))
-                c_cat = torch.cat([F.interpolate(mask, size=shape[1:]), masked.float()], dim=1)
-                cond = {"c_concat": [c_cat], "c_crossattn": [cond]}
-                uncond = {"c_concat": [c_cat], "c_crossattn": [uncond]}
+        if getattr(model.model, "conditioning_key", None) == "hybrid":  # 9-channel inpainting model
+            # Without a mask it repaints everything: text-to-image, or SDEdit from init_image.
+            repaint = mask if mask is not None else torch.ones(len(prompts), 1, height, width, device=device)
+            source = init_image if init_image is not None else torch.zeros(len(prompts), 3, height, width, device=device)
+            masked = encode_image(model, source * (1 - repaint))
+            c_cat = torch.cat([F.interpolate(repaint, size=shape[1:]), masked.float()], dim=1)
+            cond = {"c_concat": [c_cat], "c_crossattn": [cond]}
+            uncond = {"c_concat": [c_cat], "c_crossattn": [uncond]}
+            if mask is not None:
                 init_latent = None  # the model sees the image through its extra channels
-            else:
-                keep = 1 - F.interpolate(mask, size=shape[1:], mode="nearest")
+        elif mask is not None:
+            keep = 1 - F.interpolate(mask, size=shape[1:], mode="nearest")
         latents = sample(
             model, cond, uncond=uncond, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
             sampler=sampler, steps=steps, shape=shape, seeds=seeds, eta=eta, discretization=discretization,

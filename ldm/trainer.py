@@ -170,6 +170,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         from ldm.fid import check_fid_setup
 
         check_fid_setup(fid["weights"])  # a missing file or package fails now, not after training
+        n_val = len(data.datasets["validation"]) if "validation" in data.datasets else 0
+        if n_val < int(fid.get("num_samples", 100)):
+            raise ConfigError(f"evaluate.fid needs {fid.get('num_samples', 100)} validation images to compare with, "
+                              f"the validation set has {n_val}; lower evaluate.fid.num_samples or add data.validation")
     if cache.get("enabled"):
         use_latent_cache(cfg, model, data, cache, run_dir)
     trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), default_root_dir=str(run_dir),
@@ -211,9 +215,17 @@ def use_latent_cache(cfg: DictConfig, model: pl.LightningModule, data: DataModul
     cache_dir = Path(cache.get("dir") or run_dir / "latent_cache")
     text_encoder_trains = bool((cfg.get("lora") or {}).get("text_encoder", False))
     dataset_id = json.dumps(OmegaConf.to_container(cfg.data.train, resolve=True), sort_keys=True)
-    # Every process builds (or reuses) it: DDP ranks start before any could wait for another; writes are atomic.
-    build_cache(model, data.datasets["train"], cache_dir, dataset_id=dataset_id, flip=bool(cache.get("flip", False)),
-                batch_size=int(cache.get("batch_size", 16)), with_context=not text_encoder_trains)
+    encoders = [m for m in (model.first_stage_model, model.cond_stage_model) if m is not None]
+    on_gpu = torch.cuda.is_available() and str(cfg.trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
+    if on_gpu:  # encode where training will run; the Trainer moves the whole model there later anyway
+        for m in encoders:
+            m.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    try:
+        build_cache(model, data.datasets["train"], cache_dir, dataset_id=dataset_id, flip=bool(cache.get("flip", False)),
+                    batch_size=int(cache.get("batch_size", 16)), with_context=not text_encoder_trains)
+    finally:
+        for m in encoders:
+            m.to("cpu")
     data.datasets["train"] = CachedLatentDataset(cache_dir)
     return cache_dir
 

@@ -79,6 +79,24 @@ def test_fp16_keeps_the_autoencoder_in_fp32():
     assert next(model.first_stage_model.parameters()).dtype == torch.float32
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("config", [TINY, ROOT / "configs/tiny/tiny-sd1-inpainting.yaml"], ids=["sd", "inpainting-9ch"])
+def test_img2img_and_inpainting_run_with_low_precision_weights(config, precision):
+    torch.manual_seed(0)
+    ref_model = randomize_(build_model(config).eval(), seed=2)
+    model = randomize_(build_model(config).eval(), seed=2)
+    prepare_for_inference(model, precision)
+    init = torch.rand(1, 3, 32, 32)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    opts = dict(seeds=[1], steps=3, height=32, width=32, guidance_scale=3.0, progress=False, init_image=init, strength=0.6)
+    for extra in ({}, {"mask": mask}):
+        ref = generate(ref_model, ["a cat"], precision="fp32", **opts, **extra)
+        out = generate(model, ["a cat"], precision=precision, **opts, **extra)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        assert 20 < _psnr(out, ref) < math.inf  # low precision really ran and stayed close
+
+
 def test_autocast_is_used_only_when_weights_are_not_already_low_precision():
     cpu = torch.device("cpu")
     assert isinstance(precision_context("bf16", cpu, torch.float32), torch.autocast)
@@ -93,6 +111,13 @@ def test_compiled_unet_matches_eager():
     model = randomize_(build_model(TINY).eval(), seed=1)
     opts = dict(seeds=[5], steps=3, height=32, width=32, guidance_scale=4.0, progress=False)
     ref = generate(model, ["a red cube"], **opts)
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch(freezing=False):  # restores the process-wide setting afterwards
+        _compile_and_compare(model, ref, opts)
+
+
+def _compile_and_compare(model, ref, opts):
     prepare_for_inference(model, "fp32", compile=True)
     assert hasattr(model.model.diffusion_model, "_compiled_call_impl") and model.model.diffusion_model._compiled_call_impl
     out = generate(model, ["a red cube"], **opts)

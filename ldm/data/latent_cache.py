@@ -9,7 +9,8 @@ classifier-free guidance get the null caption's context, computed once).
 
 A cache is one safetensors file plus its description. It is keyed on a fingerprint of the two
 encoders' weights and of the dataset (its config and length): a cache made with other weights or
-another dataset config is not used; it is rebuilt. (Files changed on disk under the same config
+another dataset config is not used; it is rebuilt. In a distributed run rank 0 builds it and
+the other ranks wait for it. (Files changed on disk under the same config
 are not detected: delete the cache directory after editing a dataset.)
 
 Random augmentations of the dataset are frozen at caching time (one crop per image), except
@@ -20,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -41,9 +43,14 @@ def module_fingerprint(module: Optional[torch.nn.Module]) -> str:
     h = hashlib.sha256()
     if module is not None:
         for name, tensor in sorted(module.state_dict().items()):
-            t = tensor.detach().cpu().contiguous()
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            if name.startswith("loss."):  # an autoencoder's training-only discriminator/LPIPS: not the encoder
+                continue
+            t = tensor.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{name}:{tuple(tensor.shape)}:{t.dtype}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        for key, value in sorted(vars(module).items()):  # plain settings (e.g. a text encoder's layer choice)
+            if not key.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
+                h.update(f"{key}={value!r}".encode())
     return h.hexdigest()
 
 
@@ -65,6 +72,8 @@ def build_cache(model: torch.nn.Module, dataset: Dataset, cache_dir: str | Path,
     fingerprint = _fingerprint(model, dataset, dataset_id, flip, with_context)
     if _matches(cache_dir, fingerprint):
         return cache_dir
+    if _rank() != 0:  # other ranks of a distributed run wait for rank 0's cache
+        return _wait_for(cache_dir, fingerprint)
 
     with torch.random.fork_rng(devices=[]):  # caching leaves the run's random stream as it was
         tensors, info = _encode(model, dataset, batch_size, flip, with_context)
@@ -72,8 +81,11 @@ def build_cache(model: torch.nn.Module, dataset: Dataset, cache_dir: str | Path,
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / INFO_FILE).unlink(missing_ok=True)  # an old description must not vouch for new tensors
     tmp = cache_dir / f".{CACHE_FILE}.{os.getpid()}.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(cache_dir / CACHE_FILE)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(cache_dir / CACHE_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
     atomic_write(cache_dir / INFO_FILE, json.dumps(info))  # written last: it marks the cache complete
     return cache_dir
 
@@ -106,10 +118,13 @@ def _encode(model, dataset, batch_size: int, flip: bool, with_context: bool) -> 
         tensors["moments_flipped"] = torch.cat(flipped)
     info: dict[str, Any] = {"format": FORMAT, "items": len(tensors["moments"]), "flip": flip,
                             "image_key": image_key, "caption_key": caption_key, "context": with_context}
-    if with_context and len({c.shape[1:] for c in contexts}) > 1:
-        warnings.warn("latent cache: captions longer than one 77-token window give contexts of different lengths; "
-                      "caching latents only (the text encoder runs during training)")
-        with_context = info["context"] = False
+    if with_context and contexts:
+        # Caption dropout swaps in the null caption's context: every cached context must have its shape.
+        null_shape = model.get_learned_conditioning([""]).shape[1:]
+        if any(c.shape[1:] != null_shape for c in contexts):
+            warnings.warn("latent cache: captions longer than one 77-token window give longer contexts; "
+                          "caching latents only (the text encoder runs during training)")
+            with_context = info["context"] = False
     if with_context:
         tensors["context"] = torch.cat(contexts)
     info["captions"] = captions
@@ -141,9 +156,24 @@ class CachedLatentDataset(Dataset):
         return item
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", os.environ.get("SLURM_PROCID", "0"))))
+
+
+def _wait_for(cache_dir: Path, fingerprint: str, timeout_s: float = 6 * 3600) -> Path:
+    deadline = time.monotonic() + timeout_s
+    while not _matches(cache_dir, fingerprint):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {_rank()}: no latent cache in {cache_dir} after {timeout_s:.0f} s; "
+                               f"did rank 0 fail? build it first with a single-process run")
+        time.sleep(2.0)
+    return cache_dir
+
+
 def _fingerprint(model, dataset, dataset_id: str, flip: bool, with_context: bool) -> str:
     h = hashlib.sha256()
     parts = [str(FORMAT), dataset_id, str(len(dataset)), str(flip), str(with_context),
+             str(model.first_stage_key), str(model.cond_stage_key),
              module_fingerprint(model.first_stage_model),
              module_fingerprint(model.cond_stage_model) if with_context else ""]
     for part in parts:

@@ -356,7 +356,7 @@ class LatentDiffusion(DDPM):
             key = self.cond_stage_key
             if "context" in batch:
                 c = batch["context"][:bs].to(self.device)
-                swaps = [(i, new) for i, (old, new) in enumerate(zip(batch[key], dropped[key])) if new != old][: len(c)]
+                swaps = [(i, new) for i, (old, new) in enumerate(zip(batch[key], dropped[key])) if new != old and i < len(c)]
                 if swaps:
                     c = c.clone()
                     for i, value in swaps:
