@@ -7,6 +7,9 @@ Both train on the same random latents and text contexts (first and cond stages a
 so they are left out). Reports steps/s and the ratio, also for our step under bf16 autocast
 (Lightning's bf16-mixed) against the peer's fp32.
 
+Steps alternate between the two (median per step), so machine drift hits both alike. The
+SD-size row uses SGD: two SD UNets with AdamW states do not fit in 24 GB.
+
 A second table measures the data path of a whole training step (encode images and captions,
 loss, backward, AdamW) against the same step fed from the latent cache (``data.cache``).
 
@@ -15,6 +18,7 @@ loss, backward, AdamW) against the same step fed from the latent cache (``data.c
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,27 +51,53 @@ def time_steps(step, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def bench(name: str, config: Path, batch: int, latent: int, n: int) -> None:
+def interleaved(steps: dict, n: int) -> dict:
+    """Steps/s of each step function, alternating them step by step (machine drift hits all alike); median."""
+    for step in steps.values():
+        step()  # warm-up
+    times: dict = {name: [] for name in steps}
+    for _ in range(n):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1.0 / statistics.median(ts) for name, ts in times.items()}
+
+
+def bench(name: str, config: Path, batch: int, latent: int, n: int, optimizer: str = "adamw") -> None:
+    """One training step of ours and of the peer, same initial weights, alternated.
+
+    ``optimizer="sgd"`` for the SD-size row: two SD UNets with AdamW states do not fit in 24 GB
+    (the optimizer is torch's in both, so it adds the same time to both sides anyway).
+    """
     import diffusers
 
     from ldm.api import build_model
 
     torch.manual_seed(0)
     model = build_model(config).train()
+    for module in model.model.diffusion_model.modules():  # the peer's UNet does not recompute activations
+        for flag in ("checkpoint", "use_checkpoint"):
+            if isinstance(getattr(module, flag, None), bool):
+                setattr(module, flag, False)
     ctx_dim = OmegaConf.load(config).model.params.unet_config.params.context_dim
     z = torch.randn(batch, 4, latent, latent)
     c = torch.randn(batch, 77, ctx_dim)
     unet = diffusers_unet(model, config)
-    ours_opt = torch.optim.AdamW([p for p in model.model.parameters() if p.requires_grad], lr=1e-5)
-    peer_opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    make_opt = (lambda ps: torch.optim.SGD(ps, lr=1e-5)) if optimizer == "sgd" else (lambda ps: torch.optim.AdamW(ps, lr=1e-5))
+    ours_opt = make_opt([p for p in model.model.parameters() if p.requires_grad])
+    peer_opt = make_opt(list(unet.parameters()))
     sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
-    def ours():
-        t = torch.randint(0, 1000, (batch,))
-        loss, _ = model.p_losses(z, c, t)
-        ours_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ours_opt.step()
+    def ours(autocast: bool = False):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                t = torch.randint(0, 1000, (batch,))
+                loss, _ = model.p_losses(z, c, t)
+            ours_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            ours_opt.step()
+        return run
 
     def peer():
         t = torch.randint(0, 1000, (batch,))
@@ -78,17 +108,10 @@ def bench(name: str, config: Path, batch: int, latent: int, n: int) -> None:
         loss.backward()
         peer_opt.step()
 
-    def ours_bf16():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            t = torch.randint(0, 1000, (batch,))
-            loss, _ = model.p_losses(z, c, t)
-        ours_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ours_opt.step()
-
-    a, b, a16 = time_steps(ours, n), time_steps(peer, n), time_steps(ours_bf16, n)
+    r = interleaved({"ours": ours(), "peer": peer, "ours_bf16": ours(autocast=True)}, n)
+    a, b, a16 = r["ours"], r["peer"], r["ours_bf16"]
     print(f"{name:34s} ours {a:7.3f} steps/s   diffusers-style {b:7.3f} steps/s   ratio {a / b:.2f}x   "
-          f"ours bf16-mixed {a16:7.3f} steps/s ({a16 / b:.2f}x)", flush=True)
+          f"ours bf16-mixed {a16:7.3f} steps/s ({a16 / b:.2f}x)   [{optimizer}]", flush=True)
 
 
 def bench_cache(config: Path, batch: int, n: int) -> None:
@@ -129,13 +152,15 @@ def main() -> None:
     parser.add_argument("--sd-steps", type=int, default=3)
     parser.add_argument("--sd-latent", type=int, default=32)
     parser.add_argument("--skip-sd", action="store_true")
+    parser.add_argument("--skip-tiny", action="store_true")
     args = parser.parse_args()
     print(f"CPU threads {torch.get_num_threads()}, fp32")
-    bench("tiny UNet (configs/tiny), batch 8, 8x8", ROOT / "configs/tiny/tiny-sd1.yaml", 8, 8, args.tiny_steps)
-    bench_cache(ROOT / "configs/experiment/digits.yaml", 64, args.tiny_steps)
+    if not args.skip_tiny:
+        bench("tiny UNet (configs/tiny), batch 8, 8x8", ROOT / "configs/tiny/tiny-sd1.yaml", 8, 8, args.tiny_steps)
+        bench_cache(ROOT / "configs/experiment/digits.yaml", 64, args.tiny_steps)
     if not args.skip_sd:
         bench(f"SD 1.x UNet, batch 1, {args.sd_latent}x{args.sd_latent}", ROOT / "configs/stable-diffusion/v1-inference.yaml",
-              1, args.sd_latent, args.sd_steps)
+              1, args.sd_latent, args.sd_steps, optimizer="sgd")
 
 
 if __name__ == "__main__":
