@@ -43,14 +43,6 @@ def diffusers_unet(model, config_path: Path):
     return unet.train()
 
 
-def time_steps(step, n: int) -> float:
-    step()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    return n / (time.perf_counter() - t0)
-
-
 def interleaved(steps: dict, n: int) -> dict:
     """Steps/s of each step function, alternating them step by step (machine drift hits all alike); median."""
     for step in steps.values():
@@ -141,7 +133,8 @@ def bench_cache(config: Path, batch: int, n: int) -> None:
             opt.step()
         return run
 
-    a, b = time_steps(step(cached), n), time_steps(step(images), n)
+    r = interleaved({"cached": step(cached), "images": step(images)}, n)
+    a, b = r["cached"], r["images"]
     print(f"{'digits LDM step, batch ' + str(batch):34s} from cache {a:7.3f} steps/s   from images {b:7.3f} steps/s   "
           f"ratio {a / b:.2f}x", flush=True)
 
