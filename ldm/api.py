@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint import CheckpointError, empty_init, load_into_model, read_state_dict, save_state_dict, split_ema
-from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
+from ldm.util import ConfigError, check_config_targets, get_obj_from_str, instantiate_from_config, load_yaml
 
 ConfigLike = Union[str, os.PathLike, Mapping[str, Any], DictConfig]
 
@@ -31,15 +31,16 @@ def load_config(config: ConfigLike) -> DictConfig:
         path = Path(config)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found; pass the model YAML, e.g. configs/stable-diffusion/v1-inference.yaml")
-        try:
-            cfg = OmegaConf.load(path)
-        except Exception as err:  # YAML syntax errors carry multi-line messages
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        cfg = load_yaml(path)
+        if not isinstance(cfg, DictConfig):
+            raise ConfigError(f"config file {str(path)!r} holds a {type(cfg).__name__}, not a mapping; "
+                              "use a CompVis-style model YAML (model: target: ... params: ...)")
     else:
         cfg = OmegaConf.create(dict(config) if not isinstance(config, DictConfig) else config)
     node = cfg.get("model", cfg)
-    if "target" not in node:
+    if not isinstance(node, DictConfig) or "target" not in node:
         raise ConfigError("config has neither a 'model' section nor a 'target' key; use a CompVis-style model YAML")
+    check_config_targets(node)  # refused targets and misspelled params fail here, before anything is built
     return node
 
 

@@ -23,8 +23,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ldm import safe_pickle
+
 __all__ = [
-    "CheckpointError", "read_state_dict", "checkpoint_metadata", "split_ema",
+    "CheckpointError", "read_state_dict", "read_training_checkpoint", "checkpoint_metadata", "split_ema",
     "load_into_model", "save_state_dict", "empty_init",
 ]
 
@@ -91,14 +93,17 @@ def _check_file(path: str | os.PathLike) -> tuple[Path, str]:
 def _torch_load(p: Path, kind: str, device: str | torch.device, allow_unsafe_pickle: bool) -> Any:
     try:
         # mmap only works for the zip format; legacy pickles are read into memory.
-        return torch.load(p, map_location=device, weights_only=not allow_unsafe_pickle, mmap=kind == "zip")
+        if allow_unsafe_pickle:
+            return torch.load(p, map_location=device, weights_only=False, mmap=kind == "zip")
+        return safe_pickle.load(p, map_location=device, mmap=kind == "zip")
     except pickle.UnpicklingError as err:
         if not allow_unsafe_pickle and not _CORRUPT_PICKLE.search(str(err)):
             found = re.search(r"GLOBAL ([\w.]+)", str(err))
             what = f" (it references {found.group(1)})" if found else ""
             raise CheckpointError(
-                f"{p} needs full unpickling{what}, which can run arbitrary code; re-run with "
-                "allow_unsafe_pickle=True (--unsafe-pickle) only if you trust this file") from None
+                f"{p} needs full unpickling{what}, which can run arbitrary code; if you trust this file, convert "
+                "it once with 'scripts/ckpt_tool.py convert --unsafe-pickle FILE OUT.safetensors' "
+                "(or pass allow_unsafe_pickle=True in Python) and use the .safetensors file") from None
         # Keep only the line that says what is wrong, e.g. "Unsupported operand 209".
         detail = next((ln.strip() for ln in str(err).splitlines() if _CORRUPT_PICKLE.search(ln)), "")
         raise CheckpointError(f"{p} is corrupt or truncated ({detail[:120] or _first_line(err)}); "
@@ -150,6 +155,19 @@ def read_state_dict(path: str | os.PathLike, *, device: str | torch.device = "cp
         found = f"top-level keys: {', '.join(map(str, list(raw)[:6]))}" if is_map and raw else f"a {type(raw).__name__}"
         raise CheckpointError(f"{p} contains no tensors ({found}); it is not a model checkpoint, pass the weights file")
     return sd
+
+
+def read_training_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
+    """A Lightning training checkpoint (the dict ``trainer.save_checkpoint`` writes), read without running code."""
+    p, kind = _check_file(path)
+    if kind == "safetensors":
+        raise CheckpointError(f"{p} is a safetensors weights file, not a training checkpoint (it has no optimizer or "
+                              "loop state); to start a new run from its weights use init_from=FILE")
+    obj = _torch_load(p, kind, map_location if map_location is not None else "cpu", False)
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping) or "global_step" not in obj:
+        raise CheckpointError(f"{p} is not a Lightning training checkpoint (no state_dict/global_step); "
+                              "resume from a run folder or its checkpoints/last.ckpt")
+    return dict(obj)
 
 
 def checkpoint_metadata(path: str | os.PathLike, *, allow_unsafe_pickle: bool = False) -> dict[str, Any]:

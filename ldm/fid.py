@@ -44,18 +44,27 @@ def check_fid_setup(weights_path: Union[str, Path, None]) -> Path:
 
 @contextlib.contextmanager
 def _no_downloads() -> Iterator[None]:
-    """Turn any weight download torch-fidelity might attempt into an error instead of a network call."""
+    """Turn any weight download torch-fidelity might attempt into an error, and its torch.load into weights_only."""
     import torch_fidelity.feature_extractor_inceptionv3 as inception
 
     def refuse(url: str, *args: Any, **kwargs: Any) -> None:
         raise ConnectionRefusedError(f"refusing to download {url}: FID runs offline; pass a local weights file")
 
-    saved = inception.load_state_dict_from_url, torch.hub.load_state_dict_from_url, torch.hub.download_url_to_file
+    real_load = torch.load
+
+    def weights_only_load(*args: Any, **kwargs: Any) -> Any:  # torch-fidelity asks for weights_only=False
+        kwargs["weights_only"] = True
+        return real_load(*args, **kwargs)
+
+    saved = (inception.load_state_dict_from_url, torch.hub.load_state_dict_from_url, torch.hub.download_url_to_file,
+             torch.load)
     inception.load_state_dict_from_url = torch.hub.load_state_dict_from_url = torch.hub.download_url_to_file = refuse
+    torch.load = weights_only_load
     try:
         yield
     finally:
-        inception.load_state_dict_from_url, torch.hub.load_state_dict_from_url, torch.hub.download_url_to_file = saved
+        (inception.load_state_dict_from_url, torch.hub.load_state_dict_from_url, torch.hub.download_url_to_file,
+         torch.load) = saved
 
 
 def build_fid_metric(weights_path: Union[str, Path], feature: int = 2048,
@@ -70,10 +79,7 @@ def build_fid_metric(weights_path: Union[str, Path], feature: int = 2048,
     metric_kwargs.setdefault("sync_on_compute", False)
 
     try:
-        # torch-fidelity unpickles the file with weights_only=False: read it safely once first, so a
-        # file that is more than tensors is refused instead of run.
-        torch.load(path, map_location="cpu", weights_only=True)
-        with _no_downloads():
+        with _no_downloads():  # also makes torch-fidelity's own torch.load weights_only
             return FrechetInceptionDistance(feature=feature, normalize=False, antialias=False,
                                             feature_extractor_weights_path=str(path), **metric_kwargs)
     except (RuntimeError, pickle.UnpicklingError) as err:  # wrong keys/shapes or not a torch file

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint import CheckpointError
-from ldm.util import ConfigError
+from ldm.util import ConfigError, load_yaml
 
 TASKS = ("txt2img", "img2img", "inpaint")
 DEMO_DIR = Path(__file__).resolve().parent / "assets" / "digits_demo"
@@ -52,9 +52,58 @@ HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "
                      "-cd", "--info", "-i", "--experimental-rerun"}
 
 
+class Settings(dict):
+    """A run's settings as plain Python values: attribute access, and never an interpolation.
+
+    User data (prompts, file names, PNG recipes) is literal text: a ``${...}`` in it is kept as is,
+    where an OmegaConf node would resolve it (``${oc.env:HOME}``)."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self[key] = value
+
+    def copy(self) -> "Settings":
+        return Settings(self)
+
+
+def literal_settings(cfg: Mapping[str, Any]) -> Settings:
+    """The (Hydra-composed) run config as :class:`Settings`, without Hydra's own ``hydra:`` node."""
+    out = Settings()
+    for key in cfg:
+        if key == "hydra":
+            continue
+        value = cfg[key]  # the composed config's own interpolations resolve here, user text is escaped
+        out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return out
+
+
+def omegaconf_literal(text: str) -> str:
+    """``text`` escaped so OmegaConf reads it back unchanged (``${`` is not an interpolation)."""
+    return re.sub(r"(\\*)\$\{", lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", text)
+
+
+def settings_yaml(settings: Mapping[str, Any]) -> str:
+    """YAML of ``settings`` that OmegaConf/Hydra load back to the same literal values."""
+    def escape(value: Any) -> Any:
+        if isinstance(value, str):
+            return omegaconf_literal(value)
+        if isinstance(value, dict):
+            return {k: escape(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [escape(v) for v in value]
+        return value
+
+    return OmegaConf.to_yaml(OmegaConf.create(escape(dict(settings))))
+
+
 def hydra_quote(text: str) -> str:
     """``text`` as a Hydra override value that reaches the config unchanged (spaces, commas, quotes, ``${``)."""
-    text = re.sub(r"(\\*)\$\{", lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", text)  # OmegaConf: literal ${
+    text = omegaconf_literal(text)
     text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)  # Hydra: backslashes before a quote/the end
     return "'" + text.replace("'", "\\'") + "'"
 
@@ -114,6 +163,8 @@ def _passthrough(task: str, keys: Mapping[str, type], arg: str) -> str:
     if bare not in keys:
         raise ValueError(f"unknown setting {bare!r} for {task}; known: {', '.join(sorted(keys))}")
     quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+    if quoted and keys[bare] is str:  # Hydra would resolve ${...} inside quotes: user text stays literal
+        return f"{key}={omegaconf_literal(value)}"
     if quoted or (keys[bare] is str and bare in CHOICE_KEYS):
         return arg
     try:
@@ -171,10 +222,8 @@ def resolve_model(config: Optional[str], ckpt: Optional[str]) -> tuple[Path, Pat
 
 def model_sampling_defaults(config_path: Path) -> dict[str, Any]:
     """The ``sampling:`` mapping of a model config (e.g. the demo's native size and steps), or {}."""
-    try:
-        node = OmegaConf.load(config_path).get("sampling")
-    except Exception as err:  # YAML errors run over several lines
-        raise ConfigError(f"config file {str(config_path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    cfg = load_yaml(config_path)
+    node = cfg.get("sampling") if isinstance(cfg, DictConfig) else None
     if node is None:
         return {}
     defaults = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
@@ -183,9 +232,9 @@ def model_sampling_defaults(config_path: Path) -> dict[str, Any]:
     return defaults
 
 
-def apply_model_defaults(cfg: DictConfig, defaults: Mapping[str, Any], user_keys: Iterable[str]) -> DictConfig:
-    """A copy of ``cfg`` taking ``defaults`` for the keys it has that the user did not set."""
-    out = cfg.copy()
+def apply_model_defaults(settings: Settings, defaults: Mapping[str, Any], user_keys: Iterable[str]) -> Settings:
+    """A copy of ``settings`` taking ``defaults`` for the keys it has that the user did not set."""
+    out = settings.copy()
     given = set(user_keys)
     for key, value in defaults.items():
         if key in out and key not in given:
@@ -193,17 +242,45 @@ def apply_model_defaults(cfg: DictConfig, defaults: Mapping[str, Any], user_keys
     return out
 
 
-def apply_regeneration(cfg: DictConfig, meta: Mapping[str, Any]) -> DictConfig:
-    """A copy of ``cfg`` that reproduces the one image ``meta`` describes (only outdir/device stay the user's)."""
-    out = cfg.copy()
-    for key in ("prompt", "negative_prompt", "sampler", "steps", "guidance_scale", "guidance_rescale", "eta",
-                "discretization", "height", "width", "precision", "compile", "config", "ckpt", "use_ema", "seed",
-                "strength", "init_img", "mask"):
-        if key in out:
-            out[key] = meta.get(key, out[key])
+RECIPE_KEYS = ("prompt", "negative_prompt", "sampler", "steps", "guidance_scale", "guidance_rescale", "eta",
+               "discretization", "height", "width", "precision", "compile", "config", "ckpt", "use_ema", "seed",
+               "strength", "init_img", "mask")
+_RECIPE_TYPES = {**{k: v for keys in TASK_KEYS.values() for k, v in keys.items()}, "model_sha256": str}
+NULLABLE_RECIPE_KEYS = ("eta", "discretization", "strength", "init_img", "mask", "negative_prompt")
+
+
+def check_recipe_types(meta: Mapping[str, Any], source: str) -> None:
+    """Each recorded field has the type its setting declares (JSON gives ints, floats, bools, text)."""
+    import math
+
+    for key in (*RECIPE_KEYS, "model_sha256"):
+        if key not in meta:
+            continue
+        value, kind = meta[key], _RECIPE_TYPES[key]
+        if value is None and key in NULLABLE_RECIPE_KEYS:
+            continue
+        ok = {str: isinstance(value, str), bool: isinstance(value, bool),
+              int: isinstance(value, int) and not isinstance(value, bool),
+              float: isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value)}[kind]
+        if not ok:
+            want = {str: "text", bool: "true/false", int: "an integer", float: "a finite number"}[kind]
+            raise ValueError(f"{source}: recipe field {key!r} must be {want}, got {value!r}; "
+                             "the PNG's metadata was altered or written by another tool")
+
+
+def apply_regeneration(settings: Settings, meta: Mapping[str, Any], source: str = "the PNG") -> Settings:
+    """A copy of ``settings`` that reproduces the one image ``meta`` describes (only outdir/device stay the user's).
+
+    Recorded values are literal text: nothing in them is interpolated."""
     missing = [k for k in ("prompt", "seed", "config", "ckpt", "model_sha256") if meta.get(k) is None]
     if missing:
         raise ValueError(f"the PNG's metadata lacks {', '.join(missing)}; it cannot be regenerated")
+    check_recipe_types(meta, source)
+    out = settings.copy()
+    for key in RECIPE_KEYS:
+        if key in out:
+            out[key] = meta.get(key, out[key])
     out.update(from_file=None, n_samples=1, n_iter=1, fixed_code=False, skip_grid=True, skip_save=False)
     return out
 

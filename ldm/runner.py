@@ -10,6 +10,7 @@ Outputs: ``outdir/samples/NNNNN.png`` (numbering continues), ``outdir/grid-NNNN.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ldm.api import load_config, load_model
 from ldm.checkpoint import CheckpointError
@@ -26,9 +27,9 @@ from ldm.files import atomic_write, sha256_file
 from ldm.generation import PRECISIONS, check_size, generate, prepare_for_inference
 from ldm.image_io import image_to_tensor, make_grid, mask_to_tensor, open_image, read_metadata, save_png
 from ldm.models.diffusion.sampling import DISCRETIZATIONS, SAMPLERS, sampler_names
-from ldm.run_config import (PRECISION_ALIASES, TASKS, apply_model_defaults, apply_regeneration, build_metadata,
-                            check_outdir, image_seeds, model_sampling_defaults, override_keys, read_prompts,
-                            resolve_model, translate_argv)
+from ldm.run_config import (PRECISION_ALIASES, TASKS, Settings, apply_model_defaults, apply_regeneration,
+                            build_metadata, check_outdir, image_seeds, literal_settings, model_sampling_defaults,
+                            override_keys, read_prompts, resolve_model, settings_yaml, translate_argv)
 from ldm.util import ConfigError
 
 USER_ERRORS = (ValueError, ConfigError, CheckpointError, FileNotFoundError)
@@ -40,7 +41,7 @@ class Job:
     """A validated run: effective settings and every input, read."""
 
     task: str
-    settings: DictConfig
+    settings: Settings
     prompts: list[str]
     config: Path
     ckpt: Path
@@ -65,12 +66,13 @@ def prepare(cfg: DictConfig, task: str, user_keys: Iterable[str] = ()) -> Job:
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    cfg = literal_settings(cfg)  # plain values from here on: user text is never interpolated
     meta = None
     if cfg.get("regenerate"):
         meta = read_metadata(cfg.regenerate)
         if meta.get("script", task) != task:
             raise ValueError(f"{cfg.regenerate} was made by {meta['script']}; regenerate it with scripts/{meta['script']}.py")
-        cfg = apply_regeneration(cfg, meta)
+        cfg = apply_regeneration(cfg, meta, str(cfg.regenerate))
         user_keys = set(cfg.keys())  # the recorded values win over any defaults
     config, ckpt = resolve_model(cfg.config, cfg.ckpt)
     s = apply_model_defaults(cfg, model_sampling_defaults(config), user_keys)
@@ -99,8 +101,24 @@ def execute(job: Job, model: Optional[torch.nn.Module] = None, *, progress: bool
     if model is None:
         model = load_model(job.config, job.ckpt, device=s.device, use_ema=bool(s.use_ema))
         prepare_for_inference(model, s.precision, compile=bool(s.get("compile", False)))
-    job.outdir.mkdir(parents=True, exist_ok=True)
     sample_dir = job.outdir / "samples"
+    new_dirs = [d for d in (job.outdir, sample_dir) if not d.exists()]
+    written: list[Path] = []
+    try:
+        return _generate_and_write(job, model, sample_dir, written, progress)
+    except Exception:  # a late failure takes back what this run wrote; earlier runs' files stay
+        for path in written:
+            path.unlink(missing_ok=True)
+        for folder in reversed(new_dirs):
+            with contextlib.suppress(OSError):  # only if empty
+                folder.rmdir()
+        raise
+
+
+def _generate_and_write(job: Job, model: torch.nn.Module, sample_dir: Path, written: list[Path],
+                        progress: bool) -> RunResult:
+    s = job.settings
+    job.outdir.mkdir(parents=True, exist_ok=True)
     if not s.skip_save:
         sample_dir.mkdir(exist_ok=True)
     index = _next_index(sample_dir, SAMPLE_PATTERN)
@@ -121,15 +139,16 @@ def execute(job: Job, model: Optional[torch.nn.Module] = None, *, progress: bool
                     meta = build_metadata(job.task, s, prompt=prompt, seed=seed, config=job.config, ckpt=job.ckpt,
                                           model_sha256=job.model_sha256, inputs=job.inputs)
                     samples.append(save_png(image, sample_dir / f"{index:05d}.png", meta))
+                    written.append(samples[-1])
                     index += 1
             if not s.skip_grid:
                 shown.append(images.cpu())
     grid = None
     if shown:
         grid = job.outdir / f"grid-{_next_index(job.outdir, GRID_PATTERN):04d}.png"
-        save_png(make_grid(torch.cat(shown), s.n_rows or per_iteration), grid)
+        written.append(save_png(make_grid(torch.cat(shown), s.n_rows or per_iteration), grid))
     config_file = job.outdir / "config.yaml"
-    atomic_write(config_file, OmegaConf.to_yaml(s, resolve=True))
+    atomic_write(config_file, settings_yaml(s))
     return RunResult(samples, grid, config_file)
 
 
@@ -198,7 +217,7 @@ def _device(name: str) -> str:
     return name
 
 
-def _check_settings(s: DictConfig, task: str, timesteps: int) -> None:
+def _check_settings(s: Settings, task: str, timesteps: int) -> None:
     for key in ("sampler", "steps", "guidance_scale", "guidance_rescale", "n_samples", "n_iter", "seed", "n_rows",
                 "precision", "strength"):
         if key in s and s[key] is None:

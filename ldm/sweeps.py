@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
-
 from ldm.files import atomic_write
+from ldm.util import load_yaml
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -25,7 +24,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
     for metrics_file in sorted(Path(sweep_dir).glob("*/metrics.json")):
         run = metrics_file.parent
         overrides_file = run / ".hydra" / "overrides.yaml"
-        overrides = OmegaConf.load(overrides_file) if overrides_file.is_file() else []
+        overrides = load_yaml(overrides_file) if overrides_file.is_file() else []
         row = {"run": run.name}
         for item in overrides:
             key, _, value = str(item).partition("=")

@@ -17,7 +17,8 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.callbacks import EMAExport, ImageLogger, SkippedImagesLogger, write_metrics
-from ldm.checkpoint import CheckpointError, check_state_dict, load_into_model, read_state_dict
+from ldm.checkpoint import (CheckpointError, check_state_dict, load_into_model, read_state_dict,
+                            read_training_checkpoint)
 from ldm.data.datamodule import DataModuleFromConfig
 from ldm.files import atomic_write
 from ldm.training_state import AtomicCheckpointIO, ExactResume
@@ -71,7 +72,7 @@ def build_model(cfg: DictConfig) -> pl.LightningModule:
 
 def check_resume_compatible(model: torch.nn.Module, ckpt: Path, experiment: str) -> None:
     """A clear error when resuming from a checkpoint of another architecture."""
-    state = torch.load(ckpt, map_location="meta", weights_only=False, mmap=True).get("state_dict", {})
+    state = read_training_checkpoint(ckpt, map_location="meta")["state_dict"]
     try:
         check_state_dict(model, state, strict=True)
     except CheckpointError as err:

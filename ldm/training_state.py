@@ -20,7 +20,13 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints are written to a temporary name in the same folder, then renamed."""
+    """Checkpoints are written to a temporary name in the same folder, then renamed; read without running code."""
+
+    def load_checkpoint(self, path: Any, map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        from ldm.checkpoint import read_training_checkpoint
+
+        return read_training_checkpoint(path, map_location=map_location)
 
     def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Optional[Any] = None) -> None:
         path = Path(path)

@@ -72,17 +72,20 @@ def cmd_convert(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--unsafe-pickle", action="store_true", help="allow full unpickling of .ckpt files (runs code: trusted files only)")
+    unsafe_help = "allow full unpickling of .ckpt files (runs code: trusted files only)"
+    parser.add_argument("--unsafe-pickle", action="store_true", help=unsafe_help)
+    common = argparse.ArgumentParser(add_help=False)  # the flag is also accepted after the command
+    common.add_argument("--unsafe-pickle", action="store_true", default=argparse.SUPPRESS, help=unsafe_help)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("inspect", help="summarise a checkpoint")
+    p = sub.add_parser("inspect", help="summarise a checkpoint", parents=[common])
     p.add_argument("file")
     p.set_defaults(func=cmd_inspect)
-    p = sub.add_parser("check", help="load strictly into the model of a config")
+    p = sub.add_parser("check", help="load strictly into the model of a config", parents=[common])
     p.add_argument("file")
     p.add_argument("--config", required=True)
     p.add_argument("--ema", action="store_true", help="use the EMA weights")
     p.set_defaults(func=cmd_check)
-    p = sub.add_parser("convert", help="rewrite as safetensors (optionally EMA-only, fp16)")
+    p = sub.add_parser("convert", help="rewrite as safetensors (optionally EMA-only, fp16)", parents=[common])
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--ema", action="store_true", help="replace model weights by their EMA and drop model_ema.*")

@@ -12,17 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _find_reference() -> Path:
-    for base in (ROOT, *ROOT.parents):
-        candidate = base / "shared" / "reference"
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError("shared/reference (the official key/shape manifests) not found next to the repository")
-
-
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    return _find_reference()
+    """The official key/shape manifests, kept in the repository (tests/reference)."""
+    return ROOT / "tests" / "reference"
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,6 @@ def test_clear_errors_for_bad_configs():
     with pytest.raises(ConfigError, match="has no attribute"):
         instantiate_from_config({"target": "torch.nn.NoSuchLayer"})
     with pytest.raises(ConfigError, match="cannot import"):
-        instantiate_from_config({"target": "ldm.no_such_module.Thing"})
+        instantiate_from_config({"target": "ldm.models.no_such_module.Thing"})
     with pytest.raises(ConfigError, match="everything"):
         util.allow_target_prefix("")
