@@ -9,14 +9,15 @@ models through their extra input channels and for ordinary models by latent mask
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional, Sequence, Union
+import dataclasses
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from ldm.models.diffusion.sampling import sample
+from ldm.settings import PRECISIONS, SamplingSettings, validate
 
-PRECISIONS = ("fp32", "bf16", "fp16", "autocast")
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -76,10 +77,35 @@ def latent_factor(model: torch.nn.Module) -> int:
     return int(getattr(first, "downsample_factor", 2 ** (len(first.encoder.down) - 1)))
 
 
-def check_size(height: int, width: int, multiple: int = 8) -> None:
-    if height <= 0 or width <= 0 or height % multiple or width % multiple:
-        raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}; "
-                         f"try {max(multiple, round(height / multiple) * multiple)}x{max(multiple, round(width / multiple) * multiple)}")
+def decode_memory_estimate(height: int, width: int, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 4, 4),
+                           bytes_per_value: int = 4) -> int:
+    """Rough peak bytes of one VAE decode at ``height`` x ``width``: the widest full-resolution feature
+    maps (the upsampled second level enters full resolution at ``ch * ch_mult[1]`` channels), ~3 alive."""
+    widest = ch * max(ch_mult[:2])
+    return 3 * height * width * widest * bytes_per_value
+
+
+def available_memory(device: Union[str, torch.device]) -> Optional[int]:
+    """Free bytes on ``device`` (CUDA: free device memory; CPU: the OS's MemAvailable), or None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(height: int, width: int, device: Union[str, torch.device], **decoder: int) -> None:
+    """Refuse a size whose decode alone would not fit in memory, with the estimate, instead of trying."""
+    need, free = decode_memory_estimate(height, width, **decoder), available_memory(device)
+    if free is not None and need > free:
+        raise ValueError(f"{height}x{width} needs about {need / 2**30:.1f} GiB to decode, more than the "
+                         f"{free / 2**30:.1f} GiB free on {device}; choose a smaller size")
 
 
 def _as_list(value: Union[str, Sequence[str]], n: int, name: str) -> list[str]:
@@ -106,26 +132,20 @@ def encode_image(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
 def generate(
     model: torch.nn.Module,
     prompts: Sequence[str],
+    settings: Optional[SamplingSettings] = None,
     *,
     seeds: Sequence[int],
-    negative_prompt: Union[str, Sequence[str]] = "",
-    sampler: str = "ddim",
-    steps: int = 50,
-    guidance_scale: float = 7.5,
-    guidance_rescale: float = 0.0,
-    eta: Optional[float] = None,
-    discretization: Optional[str] = None,
-    height: int = 512,
-    width: int = 512,
     init_image: Optional[torch.Tensor] = None,
-    strength: float = 0.75,
     mask: Optional[torch.Tensor] = None,
-    precision: str = "fp32",
     callback: Optional[Callable[[dict], None]] = None,
     progress: bool = True,
-    batch_invariant: bool = True,
+    **changes: Any,
 ) -> torch.Tensor:
     """Images ``[B, 3, H, W]`` in [0, 1] for ``prompts`` (one seed per prompt).
+
+    ``settings`` (:class:`ldm.settings.SamplingSettings`: sampler, steps, guidance, size, strength,
+    precision, ...) with ``changes`` applied by name — ``generate(model, p, seeds=[1], steps=20)`` —
+    a misspelled name is an error. ``negative_prompt`` may also be a list, one per prompt.
 
     ``batch_invariant`` (default) computes each image on its own, so an image depends only on its
     prompt, seed and settings — bit for bit, whatever else was in the batch (kernels' rounding
@@ -133,21 +153,31 @@ def generate(
     batch together: faster on GPUs, reproducible only as the same batch.
     """
     prompts = list(prompts)
+    negative = changes.pop("negative_prompt", None)
+    try:
+        options = dataclasses.replace(settings or SamplingSettings(), **changes)
+    except TypeError:
+        known = [f.name for f in dataclasses.fields(SamplingSettings)]
+        unknown = sorted(set(changes) - set(known))
+        raise TypeError(f"generate() has no setting {', '.join(map(repr, unknown))}; "
+                        f"settings are {', '.join(known)}") from None
+    negative = options.negative_prompt if negative is None else negative
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per image")
-    check_size(height, width)
-    negative = _as_list(negative_prompt, len(prompts), "negative_prompt")
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
-    options = dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta,
-                   discretization=discretization, height=height, width=width, strength=strength, precision=precision,
-                   callback=callback, progress=progress)
-    if not batch_invariant or len(prompts) == 1:
-        return _generate_batch(model, prompts, negative, list(seeds), init_image, mask, **options)
+    if options.height is None or options.width is None:
+        raise ValueError("height and width are needed")
+    validate({k: v for k, v in dataclasses.asdict(options).items() if k != "negative_prompt"})
+    negative = _as_list(negative, len(prompts), "negative_prompt")
+    kwargs = dict(sampler=options.sampler, steps=options.steps, guidance_scale=options.guidance_scale,
+                  guidance_rescale=options.guidance_rescale, eta=options.eta, discretization=options.discretization,
+                  height=options.height, width=options.width, strength=options.strength, precision=options.precision,
+                  callback=callback, progress=progress)
+    if not options.batch_invariant or len(prompts) == 1:
+        return _generate_batch(model, prompts, negative, list(seeds), init_image, mask, **kwargs)
     images = []
     for i in range(len(prompts)):
         pick = (lambda x: None if x is None else (x[i : i + 1] if x.dim() == 4 and x.shape[0] > 1 else x))  # noqa: E731
-        images.append(_generate_batch(model, prompts[i : i + 1], negative[i : i + 1], [seeds[i]], pick(init_image), pick(mask), **options))
+        images.append(_generate_batch(model, prompts[i : i + 1], negative[i : i + 1], [seeds[i]], pick(init_image), pick(mask), **kwargs))
     return torch.cat(images)
 
 

@@ -45,8 +45,29 @@ def open_image(path: PathLike, what: str = "image") -> Image.Image:
         raise ValueError(f"cannot read {what} {str(p)!r}: {reason}") from None
 
 
+# Single-channel modes deeper than 8 bits, with the value of white; convert("L"/"RGB") would clip them at 255.
+_DEEP_GREY = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+
+
+def _unit_grey(img: Image.Image) -> Optional[Image.Image]:
+    """A 16-bit / 32-bit / float grey image as mode "F" in [0, 1]; None for ordinary 8-bit modes."""
+    white = _DEEP_GREY.get(img.mode)
+    if white is None:
+        return None
+    values = np.clip(np.asarray(img, dtype=np.float32) / white, 0.0, 1.0)
+    return Image.fromarray(values, mode="F")
+
+
 def image_to_tensor(img: Image.Image, size: Optional[Size] = None) -> torch.Tensor:
-    """A PIL image as RGB ``[1, 3, H, W]`` in [-1, 1], resized to ``size`` = (height, width) if given."""
+    """A PIL image as RGB ``[1, 3, H, W]`` in [-1, 1], resized to ``size`` = (height, width) if given.
+
+    16-bit grey images are scaled by their full range (not clipped at 255) and repeated to RGB."""
+    grey = _unit_grey(img)
+    if grey is not None:
+        if size is not None and (grey.height, grey.width) != tuple(size):
+            grey = grey.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+        x = torch.from_numpy(np.clip(np.asarray(grey, dtype=np.float32), 0, 1) * 2.0 - 1.0)
+        return x[None, None].expand(1, 3, -1, -1).contiguous()
     img = img.convert("RGB")
     if size is not None and (img.height, img.width) != tuple(size):
         img = img.resize((size[1], size[0]), Image.Resampling.LANCZOS)
@@ -56,10 +77,12 @@ def image_to_tensor(img: Image.Image, size: Optional[Size] = None) -> torch.Tens
 
 def mask_to_tensor(img: Image.Image, size: Optional[Size] = None) -> torch.Tensor:
     """A PIL mask as ``[1, 1, H, W]`` in {0, 1} (white = repaint), resized to ``size`` = (height, width) if given."""
-    img = img.convert("L")
+    grey = _unit_grey(img)
+    img = grey if grey is not None else img.convert("L")
     if size is not None and (img.height, img.width) != tuple(size):
         img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+    scale = 1.0 if grey is not None else 255.0
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / scale)
     return (x >= 0.5).float()[None, None]
 
 

@@ -16,37 +16,17 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint import CheckpointError
+from ldm import settings as declaration
+from ldm.settings import TASKS  # noqa: F401  (re-exported for the scripts)
 from ldm.util import ConfigError, load_yaml
 
-TASKS = ("txt2img", "img2img", "inpaint")
 DEMO_DIR = Path(__file__).resolve().parent / "assets" / "digits_demo"
 DEMO_CONFIG, DEMO_CKPT = DEMO_DIR / "config.yaml", DEMO_DIR / "model.safetensors"
 README_TABLE = "the checkpoint/config table in README.md ('Load an official checkpoint')"
 
-# Run settings and their types: drives flag translation, quoting and type checks.
-COMMON_KEYS: dict[str, type] = {
-    "prompt": str, "from_file": str, "negative_prompt": str, "config": str, "ckpt": str, "use_ema": bool,
-    "sampler": str, "steps": int, "guidance_scale": float, "guidance_rescale": float, "eta": float,
-    "discretization": str, "height": int, "width": int, "n_samples": int, "n_iter": int, "seed": int,
-    "fixed_code": bool, "precision": str, "compile": bool, "device": str, "outdir": str, "skip_grid": bool, "skip_save": bool,
-    "n_rows": int, "regenerate": str,
-}
-TASK_KEYS: dict[str, dict[str, type]] = {
-    "txt2img": COMMON_KEYS,
-    "img2img": {**COMMON_KEYS, "init_img": str, "strength": float},
-    "inpaint": {**COMMON_KEYS, "init_img": str, "mask": str},
-}
-# Keys a model config's ``sampling:`` mapping may give defaults for.
-SAMPLING_KEYS = ("sampler", "steps", "guidance_scale", "guidance_rescale", "eta", "discretization", "height", "width",
-                 "negative_prompt", "strength")
-FLAG_ALIASES = {"ddim_steps": "steps", "scale": "guidance_scale", "H": "height", "W": "width", "ddim_eta": "eta",
-                "neg": "negative_prompt", "from-file": "from_file", "init-img": "init_img"}
-SWITCHES = {"plms": ("sampler", "plms")}  # CompVis flags that set a key without taking a value
 IGNORED_FLAGS = ("C", "f")  # CompVis latent channels / downsampling factor: read from the model config
-PRECISION_ALIASES = {"full": "fp32"}
-CHOICE_KEYS = ("sampler", "discretization", "precision", "device")  # str keys whose values are never free text
 # Hydra's own command-line flags, passed through untouched; the value-taking ones with their next token.
-HYDRA_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--resolve", "--run", "-r", "--multirun", "-m",
+HYDRA_FLAGS = {"--hydra-help", "--version", "--resolve", "--run", "-r", "--multirun", "-m",
                "--shell-completion", "-sc"}
 HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
                      "-cd", "--info", "-i", "--experimental-rerun"}
@@ -109,16 +89,23 @@ def hydra_quote(text: str) -> str:
 
 
 def translate_argv(task: str, argv: Sequence[str]) -> list[str]:
-    """CompVis-style ``--flag value`` / ``--flag=value`` arguments as Hydra ``key=value`` overrides."""
-    keys = TASK_KEYS[task]
+    """CompVis-style ``--flag value`` / ``--flag=value`` arguments as Hydra ``key=value`` overrides.
+
+    Flags, value types and switches come from the settings declaration (:mod:`ldm.settings`);
+    ``--help`` prints that declaration and exits."""
+    settings = declaration.by_name(task)
+    flags, switches = declaration.flag_names(task), declaration.switches(task)
     out: list[str] = []
     args = list(argv)
     i = 0
     while i < len(args):
         arg = args[i]
         i += 1
+        if arg in ("--help", "-h"):
+            print(declaration.help_text(task))
+            raise SystemExit(0)
         if not arg.startswith("-"):
-            out.append(_passthrough(task, keys, arg))
+            out.append(_passthrough(task, settings, arg))
             continue
         name, has_value, value = arg.partition("=")
         if name in HYDRA_FLAGS | HYDRA_VALUE_FLAGS:
@@ -132,58 +119,57 @@ def translate_argv(task: str, argv: Sequence[str]) -> list[str]:
             if not has_value and i < len(args):
                 i += 1  # skip its value
             continue
-        if flag in SWITCHES and not has_value:
-            key, value = SWITCHES[flag]
-            out.append(f"{key}={value}")
+        if flag in switches and not has_value:
+            key, switched = switches[flag]
+            out.append(f"{key}={_typed(settings[key], str(switched), name)}")
             continue
-        key = FLAG_ALIASES.get(flag, flag.replace("-", "_"))
-        if key not in keys:
-            hint = "; see --help" if key not in {k for t in TASK_KEYS.values() for k in t} else f" (not an option of {task})"
-            raise ValueError(f"unknown option {name}{hint}")
+        key = flags.get(flag)
+        if key is None:
+            other = flag in declaration.flag_names()
+            raise ValueError(f"unknown option {name}" + (f" (not an option of {task})" if other else "; see --help"))
         if not has_value:
-            if keys[key] is bool:
+            if settings[key].kind is bool:
                 value = "true"
             elif i < len(args):
                 value, i = args[i], i + 1
             else:
                 raise ValueError(f"{name} needs a value")
-        out.append(f"{key}={_typed(key, keys[key], value, name)}")
+        out.append(f"{key}={_typed(settings[key], value, name)}")
     return out
 
 
-def _passthrough(task: str, keys: Mapping[str, type], arg: str) -> str:
-    """A Hydra ``key=value`` override: free-text values are quoted (so commas and quotes stay text) unless
-    already quoted; other values are type-checked, and sweeps (``seed=1,2``, ``range(3)``) kept for ``-m``."""
+def _passthrough(task: str, settings: Mapping[str, declaration.Declared], arg: str) -> str:
+    """A Hydra ``key=value`` override: values are type-checked and text stays literal (quotes, commas and
+    ``${`` included), except sweeps (``seed=1,2``, ``range(3)``), kept for ``-m``."""
     key, eq, value = arg.partition("=")
     bare = key.lstrip("+~")
     if not eq and not key.startswith("~"):
         raise ValueError(f"unexpected argument {arg!r}; options are --flag value or key=value (e.g. --prompt {arg!r})")
-    if not eq or bare.startswith(("hydra.", "hydra/")) or bare == "sampling":
+    if not eq or bare.startswith(("hydra.", "hydra/")):
         return arg
-    if bare not in keys:
-        raise ValueError(f"unknown setting {bare!r} for {task}; known: {', '.join(sorted(keys))}")
+    if bare not in settings:
+        raise ValueError(f"unknown setting {bare!r} for {task}; known: {', '.join(sorted(settings))}")
+    d = settings[bare]
     quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
-    if quoted and keys[bare] is str:  # Hydra would resolve ${...} inside quotes: user text stays literal
+    if quoted and d.kind is str:  # Hydra would resolve ${...} inside quotes: user text stays literal
         return f"{key}={omegaconf_literal(value)}"
-    if quoted or (keys[bare] is str and bare in CHOICE_KEYS):
+    if quoted or (d.kind is str and d.spec.choices is not None):
         return arg
     try:
-        return f"{key}={_typed(bare, keys[bare], value, bare)}"
+        return f"{key}={_typed(d, value, bare)}"
     except ValueError:
         if "," in value or "(" in value:  # a sweep: Hydra checks it
             return arg
         raise
 
 
-def _typed(key: str, kind: type, value: str, name: str) -> str:
-    """``value`` checked against the key's type, in override syntax; one-line error on a bad value."""
+def _typed(d: declaration.Declared, value: str, name: str) -> str:
+    """``value`` checked against the setting's declared type, in override syntax; one-line error if bad."""
     if value.strip() == "null":
         return "null"
-    if kind is str:
-        if key == "precision":
-            value = PRECISION_ALIASES.get(value, value)
-        return hydra_quote(value)
-    if kind is bool:
+    if d.kind is str:
+        return hydra_quote(str(d.spec.value_aliases.get(value, value)))
+    if d.kind is bool:
         lowered = value.strip().lower()
         if lowered in ("true", "1", "yes", "on"):
             return "true"
@@ -191,9 +177,9 @@ def _typed(key: str, kind: type, value: str, name: str) -> str:
             return "false"
         raise ValueError(f"{name} expects true or false, got {value!r}")
     try:
-        return str(kind(value))
+        return str(d.kind(value))
     except ValueError:
-        raise ValueError(f"{name} expects {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+        raise ValueError(f"{name} expects {'an integer' if d.kind is int else 'a number'}, got {value!r}") from None
 
 
 def override_keys(overrides: Iterable[str]) -> set[str]:
@@ -227,8 +213,12 @@ def model_sampling_defaults(config_path: Path) -> dict[str, Any]:
     if node is None:
         return {}
     defaults = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-    if not isinstance(defaults, dict) or set(defaults) - set(SAMPLING_KEYS):
-        raise ConfigError(f"'sampling:' in {config_path} must map some of {', '.join(SAMPLING_KEYS)} to values")
+    allowed = [d.name for d in declaration.declared() if d.spec.model_default]
+    if not isinstance(defaults, dict) or set(defaults) - set(allowed):
+        raise ConfigError(f"'sampling:' in {config_path} must map some of {', '.join(allowed)} to values")
+    found = declaration.problems(defaults)
+    if found:
+        raise ConfigError(f"'sampling:' in {config_path}: {'; '.join(found)}")
     return defaults
 
 
@@ -242,45 +232,20 @@ def apply_model_defaults(settings: Settings, defaults: Mapping[str, Any], user_k
     return out
 
 
-RECIPE_KEYS = ("prompt", "negative_prompt", "sampler", "steps", "guidance_scale", "guidance_rescale", "eta",
-               "discretization", "height", "width", "precision", "compile", "config", "ckpt", "use_ema", "seed",
-               "strength", "init_img", "mask")
-_RECIPE_TYPES = {**{k: v for keys in TASK_KEYS.values() for k, v in keys.items()}, "model_sha256": str}
-NULLABLE_RECIPE_KEYS = ("eta", "discretization", "strength", "init_img", "mask", "negative_prompt")
-
-
-def check_recipe_types(meta: Mapping[str, Any], source: str) -> None:
-    """Each recorded field has the type its setting declares (JSON gives ints, floats, bools, text)."""
-    import math
-
-    for key in (*RECIPE_KEYS, "model_sha256"):
-        if key not in meta:
-            continue
-        value, kind = meta[key], _RECIPE_TYPES[key]
-        if value is None and key in NULLABLE_RECIPE_KEYS:
-            continue
-        ok = {str: isinstance(value, str), bool: isinstance(value, bool),
-              int: isinstance(value, int) and not isinstance(value, bool),
-              float: isinstance(value, (int, float)) and not isinstance(value, bool)
-              and math.isfinite(value)}[kind]
-        if not ok:
-            want = {str: "text", bool: "true/false", int: "an integer", float: "a finite number"}[kind]
-            raise ValueError(f"{source}: recipe field {key!r} must be {want}, got {value!r}; "
-                             "the PNG's metadata was altered or written by another tool")
-
-
-def apply_regeneration(settings: Settings, meta: Mapping[str, Any], source: str = "the PNG") -> Settings:
+def apply_regeneration(settings: Settings, meta: Mapping[str, Any], task: str, source: str = "the PNG") -> Settings:
     """A copy of ``settings`` that reproduces the one image ``meta`` describes (only outdir/device stay the user's).
 
-    Recorded values are literal text: nothing in them is interpolated."""
+    Recorded values are type-checked against the declaration and taken as literal text."""
     missing = [k for k in ("prompt", "seed", "config", "ckpt", "model_sha256") if meta.get(k) is None]
     if missing:
         raise ValueError(f"the PNG's metadata lacks {', '.join(missing)}; it cannot be regenerated")
-    check_recipe_types(meta, source)
+    if not isinstance(meta["model_sha256"], str):
+        raise ValueError(f"{source}: recipe field 'model_sha256' must be text; the PNG's metadata was altered")
+    declaration.check_recipe(meta, task, source)
     out = settings.copy()
-    for key in RECIPE_KEYS:
-        if key in out:
-            out[key] = meta.get(key, out[key])
+    for key in declaration.recipe_fields(task):
+        if key in out and key in meta:
+            out[key] = meta[key]
     out.update(from_file=None, n_samples=1, n_iter=1, fixed_code=False, skip_grid=True, skip_save=False)
     return out
 
@@ -342,18 +307,23 @@ def _git_commit(git_dir: Path) -> Optional[str]:
 
 def build_metadata(task: str, settings: Mapping[str, Any], *, prompt: str, seed: int, config: Path, ckpt: Path,
                    model_sha256: str, inputs: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-    """Everything needed to reproduce one image, as recorded in its PNG."""
-    meta = {key: settings.get(key) for key in ("negative_prompt", "sampler", "steps", "guidance_scale", "guidance_rescale",
-                                               "eta", "discretization", "height", "width", "precision", "compile", "use_ema")}
-    if task == "img2img":
-        meta["strength"] = settings.get("strength")
+    """Everything needed to reproduce one image, as recorded in its PNG: the declared recipe fields."""
+    meta = {key: settings.get(key) for key in declaration.recipe_fields(task)}
     meta.update(prompt=prompt, seed=seed, config=str(config), ckpt=str(ckpt), model_sha256=model_sha256,
                 ldm_version=ldm_version(), script=task, **dict(inputs or {}))
     return meta
 
 
 def check_outdir(outdir: str) -> Path:
+    """The output folder, if it is (or can be made) a writable directory; checked before anything is written."""
     path = Path(os.path.expanduser(outdir))
     if path.exists() and not path.is_dir():
         raise ValueError(f"outdir {outdir!r} exists and is not a directory")
+    existing = path
+    while not existing.exists():  # the nearest existing ancestor must be a writable folder
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"outdir {outdir!r} cannot be created: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"outdir {outdir!r} is not writable ({str(existing)!r} does not allow it); choose another --outdir")
     return path

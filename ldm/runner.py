@@ -15,24 +15,21 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from ldm import settings as declaration
 from ldm.api import load_config, load_model
-from ldm.checkpoint import CheckpointError
+from ldm.cli_errors import guarded
 from ldm.files import atomic_write, sha256_file
-from ldm.generation import PRECISIONS, check_size, generate, prepare_for_inference
+from ldm.generation import check_memory, generate, prepare_for_inference
 from ldm.image_io import image_to_tensor, make_grid, mask_to_tensor, open_image, read_metadata, save_png
-from ldm.models.diffusion.sampling import DISCRETIZATIONS, SAMPLERS, sampler_names
-from ldm.run_config import (PRECISION_ALIASES, TASKS, Settings, apply_model_defaults, apply_regeneration,
-                            build_metadata, check_outdir, image_seeds, literal_settings, model_sampling_defaults,
-                            override_keys, read_prompts, resolve_model, settings_yaml, translate_argv)
-from ldm.util import ConfigError
+from ldm.run_config import (TASKS, Settings, apply_model_defaults, apply_regeneration, build_metadata, check_outdir,
+                            image_seeds, literal_settings, model_sampling_defaults, override_keys, read_prompts,
+                            resolve_model, settings_yaml, translate_argv)
 
-USER_ERRORS = (ValueError, ConfigError, CheckpointError, FileNotFoundError)
 SAMPLE_PATTERN, GRID_PATTERN = r"(\d+)\.png", r"grid-(\d+)\.png"
 
 
@@ -59,7 +56,7 @@ class RunResult:
     config: Path
 
 
-def prepare(cfg: DictConfig, task: str, user_keys: Iterable[str] = ()) -> Job:
+def prepare(cfg: Mapping[str, Any], task: str, user_keys: Iterable[str] = ()) -> Job:
     """Check ``cfg`` and read its inputs; one-line errors, nothing written.
 
     ``user_keys`` are the settings the user gave: the model config's ``sampling:`` defaults fill the others.
@@ -72,23 +69,26 @@ def prepare(cfg: DictConfig, task: str, user_keys: Iterable[str] = ()) -> Job:
         meta = read_metadata(cfg.regenerate)
         if meta.get("script", task) != task:
             raise ValueError(f"{cfg.regenerate} was made by {meta['script']}; regenerate it with scripts/{meta['script']}.py")
-        cfg = apply_regeneration(cfg, meta, str(cfg.regenerate))
+        cfg = apply_regeneration(cfg, meta, task, str(cfg.regenerate))
         user_keys = set(cfg.keys())  # the recorded values win over any defaults
+    declaration.validate(cfg, task)  # types and ranges first: the model paths below are used as text
     config, ckpt = resolve_model(cfg.config, cfg.ckpt)
     s = apply_model_defaults(cfg, model_sampling_defaults(config), user_keys)
-    s.precision = PRECISION_ALIASES.get(s.precision, s.precision)
     s.device = _device(s.device)
     s.negative_prompt = s.negative_prompt or ""
     s.config, s.ckpt = str(config), str(ckpt)  # config.yaml then works from any directory
-    _check_settings(s, task, int(load_config(config).params.get("timesteps", 1000)))
+    model_config = load_config(config)
+    declaration.validate(s, task, timesteps=int(model_config.params.get("timesteps", 1000)))
     prompts = read_prompts(s.prompt, s.from_file)
+    _check_text([*prompts, s.negative_prompt, s.outdir, s.get("init_img"), s.get("mask"), str(config), str(ckpt)])
+    _check_seeds(s, len(prompts) * s.n_samples * s.n_iter)
     job = Job(task, s, prompts, config, ckpt, "", check_outdir(s.outdir))
     if task == "txt2img":
         if s.height is None or s.width is None:
             raise ValueError("height and width are needed: pass --H and --W")
-        check_size(s.height, s.width)
     else:
         _read_inputs(job)
+    check_memory(s.height, s.width, s.device, **_decoder_shape(model_config))
     job.model_sha256 = sha256_file(ckpt)
     if meta is not None:
         _check_recorded_hashes(job, meta, cfg.regenerate)
@@ -124,16 +124,13 @@ def _generate_and_write(job: Job, model: torch.nn.Module, sample_dir: Path, writ
     index = _next_index(sample_dir, SAMPLE_PATTERN)
     per_iteration = len(job.prompts) * s.n_samples
     seeds = image_seeds(s.seed, per_iteration * s.n_iter, s.fixed_code)
-    extra = {"strength": s.strength} if job.task == "img2img" else {}
+    options = declaration.sampling_settings(s)
     samples, shown, k = [], [], 0
     for _ in range(s.n_iter):
         for prompt in job.prompts:  # one call per prompt: n_samples images, saved as soon as they exist
             batch, k = seeds[k : k + s.n_samples], k + s.n_samples
-            images = generate(model, [prompt] * len(batch), seeds=batch, negative_prompt=s.negative_prompt,
-                              sampler=s.sampler, steps=s.steps, guidance_scale=s.guidance_scale,
-                              guidance_rescale=s.guidance_rescale, eta=s.eta, discretization=s.discretization,
-                              height=s.height, width=s.width, init_image=job.init_image, mask=job.mask,
-                              precision=s.precision, progress=progress, **extra)
+            images = generate(model, [prompt] * len(batch), options, seeds=batch, init_image=job.init_image,
+                              mask=job.mask, progress=progress)
             for image, seed in zip(images, batch):
                 if not s.skip_save:
                     meta = build_metadata(job.task, s, prompt=prompt, seed=seed, config=job.config, ckpt=job.ckpt,
@@ -152,7 +149,7 @@ def _generate_and_write(job: Job, model: torch.nn.Module, sample_dir: Path, writ
     return RunResult(samples, grid, config_file)
 
 
-def run_task(cfg: DictConfig, task: str, user_keys: Iterable[str] = ()) -> RunResult:
+def run_task(cfg: Mapping[str, Any], task: str, user_keys: Iterable[str] = ()) -> RunResult:
     """:func:`prepare` then :func:`execute`, printing where the outputs went."""
     result = execute(prepare(cfg, task, user_keys))
     if result.samples:
@@ -164,28 +161,21 @@ def run_task(cfg: DictConfig, task: str, user_keys: Iterable[str] = ()) -> RunRe
     return result
 
 
-class ValidateFirst(Callback):
-    """Validates before Hydra creates its run dir (= outdir), so a bad run leaves no directory behind."""
-
-    def on_run_start(self, config: DictConfig, config_name: Optional[str] = None, **kwargs: Any) -> None:
-        if config_name in TASKS:
-            report_errors(lambda: prepare(config, config_name, override_keys(config.hydra.overrides.task)))
-
-
 def hydra_task(cfg: DictConfig, task: str) -> None:
     """Body of a script's ``@hydra.main`` function: run ``task`` with the user's overrides."""
     from hydra.core.hydra_config import HydraConfig
 
     keys = override_keys(HydraConfig.get().overrides.task) if HydraConfig.initialized() else set()
-    report_errors(lambda: run_task(cfg, task, keys))
+    guarded(run_task, cfg, task, keys)
 
 
 def run_script(main: Callable[[], Any], task: str, argv: Optional[Sequence[str]] = None) -> int:
     """Call a script's Hydra ``main`` with ``argv`` (CompVis flags translated); returns the exit code."""
     try:
-        overrides = report_errors(lambda: translate_argv(task, sys.argv[1:] if argv is None else argv))
+        overrides = guarded(translate_argv, task, sys.argv[1:] if argv is None else argv)
     except SystemExit as err:
         return int(err.code or 0)
+    declaration.register_configs()  # the Hydra schema of the settings, from their declaration
     saved = sys.argv
     sys.argv = [saved[0] if saved else task] + overrides
     try:
@@ -197,49 +187,51 @@ def run_script(main: Callable[[], Any], task: str, argv: Optional[Sequence[str]]
     return 0
 
 
-def report_errors(fn: Callable[[], Any]) -> Any:
-    """``fn()``; a user error becomes one ``error:`` line on stderr and exit code 2."""
-    try:
-        return fn()
-    except USER_ERRORS as err:
-        lines = str(err).strip().splitlines()
-        print(f"error: {lines[0] if lines else type(err).__name__}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 def _device(name: str) -> str:
     if name in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch.device(name)
-    except RuntimeError:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
         raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {name!r}: no CUDA GPU is available here; use device=cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r}: only {count} CUDA GPU(s) here (cuda:0..cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available here; use device=cpu (or auto)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return name
 
 
-def _check_settings(s: Settings, task: str, timesteps: int) -> None:
-    for key in ("sampler", "steps", "guidance_scale", "guidance_rescale", "n_samples", "n_iter", "seed", "n_rows",
-                "precision", "strength"):
-        if key in s and s[key] is None:
-            raise ValueError(f"{key} must be set (it is null)")
-    if s.sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(sampler_names())}")
-    if s.discretization is not None and s.discretization not in DISCRETIZATIONS:
-        raise ValueError(f"unknown discretization {s.discretization!r}; use one of {', '.join(DISCRETIZATIONS)}")
-    if s.eta not in (None, 0) and "eta" not in SAMPLERS[s.sampler].options:
-        raise ValueError(f"sampler {s.sampler!r} is deterministic and takes no eta; use ddim, ddpm, euler_a or dpmpp_2m_sde")
-    if s.precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {s.precision!r}; use full, autocast, {', '.join(PRECISIONS)}")
-    if not 1 <= s.steps <= timesteps:
-        raise ValueError(f"steps must be in [1, {timesteps}], got {s.steps}")
-    for key in ("n_samples", "n_iter"):
-        if s[key] < 1:
-            raise ValueError(f"{key} must be at least 1, got {s[key]}")
-    for key in ("n_rows", "seed"):
-        if s[key] < 0:
-            raise ValueError(f"{key} must not be negative, got {s[key]}")
-    if task == "img2img" and not 0.0 <= s.strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {s.strength}")
+MAX_SEED = 2**32 - 1  # torch's CPU generator keeps only the low 32 bits of a seed: larger ones would collide
+
+
+def _check_seeds(s: Settings, n_images: int) -> None:
+    last = s.seed + (0 if s.fixed_code else n_images - 1)
+    if last > MAX_SEED:
+        raise ValueError(f"seeds must be in [0, {MAX_SEED}] (image k gets seed + k, up to {last} here); "
+                         f"use a seed of at most {MAX_SEED - (0 if s.fixed_code else n_images - 1)}")
+
+
+def _check_text(values: Iterable[Optional[str]]) -> None:
+    """Prompts and file names must be valid Unicode (a non-UTF-8 byte would fail only when writing)."""
+    for value in values:
+        if value is None:
+            continue
+        try:
+            str(value).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{ascii(value)} is not valid UTF-8 text; re-type it or rename the file") from None
+
+
+def _decoder_shape(model_config: Any) -> dict[str, Any]:
+    """The first stage's ``ch``/``ch_mult``, for the memory estimate (defaults: the SD VAE)."""
+    dd = (model_config.params.get("first_stage_config") or {}).get("params", {}).get("ddconfig", {}) or {}
+    return {k: dd[k] for k in ("ch", "ch_mult") if k in dd}
 
 
 def _read_inputs(job: Job) -> None:
@@ -258,7 +250,7 @@ def _read_inputs(job: Job) -> None:
                              "they must match")
     s.height = s.height if s.height is not None else image.height // 8 * 8
     s.width = s.width if s.width is not None else image.width // 8 * 8
-    check_size(s.height, s.width)
+    declaration.validate({"height": s.height, "width": s.width}, job.task)
     job.init_image = image_to_tensor(image, (s.height, s.width))
     job.inputs = {"init_img": str(Path(s.init_img).absolute()), "init_img_sha256": sha256_file(s.init_img, cache=False)}
     if mask is not None:

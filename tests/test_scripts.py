@@ -139,7 +139,7 @@ def test_flag_translation_keeps_odd_values():
         assert OmegaConf.create({"prompt": value}).prompt == WEIRD_PROMPT
     assert translate_argv("img2img", ["--H=64", "--W", "48", "--precision", "full", "--init-img", "a b.png", "--plms",
                                       "--skip_grid", "--use_ema=false", "--neg", "blurry"]) == [
-        "height=64", "width=48", "precision='fp32'", "init_img='a b.png'", "sampler=plms", "skip_grid=true",
+        "height=64", "width=48", "precision='fp32'", "init_img='a b.png'", "sampler='plms'", "skip_grid=true",
         "use_ema=false", "negative_prompt='blurry'"]
     # Hydra's own flags pass through; CompVis --C/--f are read from the model config instead.
     assert translate_argv("txt2img", ["--cfg", "job", "--C", "4", "--f=8", "steps=3"]) == ["--cfg", "job", "steps=3"]
@@ -178,12 +178,12 @@ def test_inpaint_nine_channel_and_ordinary_models(scripts, models, inputs, tmp_p
 
 INIT, MASK = ["--init-img", "{inputs}/init.png"], ["--mask", "{inputs}/mask_small.png"]
 BAD_INPUTS = {
-    "size": ("txt2img", ["--prompt", "x", "--H", "30"], "multiples of 8"),
+    "size": ("txt2img", ["--prompt", "x", "--H", "30"], "height must be a positive multiple of 8"),
     "strength": ("img2img", ["--prompt", "x", *INIT, "--strength", "1.5"], "strength must be in [0, 1]"),
     "missing_init": ("img2img", ["--prompt", "x", "--init-img", "{inputs}/nope.png"], "not found"),
     "unreadable_init": ("img2img", ["--prompt", "x", "--init-img", "{inputs}/broken.png"], "cannot read init image"),
     "mask_size": ("inpaint", ["--prompt", "x", *INIT, *MASK], "must match"),
-    "sampler": ("txt2img", ["--prompt", "x", "sampler=nope"], "unknown sampler 'nope'; choose one of ddim"),
+    "sampler": ("txt2img", ["--prompt", "x", "sampler=nope"], "sampler must be one of ddim"),
     "empty_prompt_file": ("txt2img", ["--from-file", "{inputs}/blank.txt"], "has no prompts"),
     "no_prompt": ("txt2img", [], "no prompt"),
     "eta_on_euler": ("txt2img", ["--prompt", "x", "--sampler", "euler", "--ddim_eta", "0.5"], "takes no eta"),

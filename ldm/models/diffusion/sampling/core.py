@@ -50,6 +50,9 @@ class NoiseSource:
     """Per-image Gaussian noise from one seeded CPU generator per image."""
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        bad = [s for s in seeds if not 0 <= int(s) < 2**32]
+        if bad:  # the CPU generator keeps only 32 bits: larger seeds would silently collide
+            raise ValueError(f"seed {bad[0]} is outside [0, 2**32 - 1]; use a 32-bit seed")
         self.generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         self.device, self.dtype = device, dtype
 

@@ -1,0 +1,290 @@
+"""The generation settings, declared once.
+
+Every field of :class:`SamplingSettings` (what :func:`ldm.generation.generate` needs) and of
+:class:`RunSettings` (what a script run adds) carries its type, default, valid values, CompVis flag
+spellings, per-task defaults and whether the PNG recipe records it. The rest derives from here:
+
+* the Hydra schema of ``scripts/txt2img.py`` / ``img2img.py`` / ``inpaint.py`` (:func:`register_configs`),
+* the CompVis flag translation and ``--help`` (:mod:`ldm.run_config`),
+* validation, with one message per problem (:func:`problems`, :func:`validate`),
+* the PNG recipe and ``--regenerate`` (:func:`recipe_fields`, :func:`check_recipe`).
+
+Adding a setting = one field here, the code that uses it, and a test.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+TASKS = ("txt2img", "img2img", "inpaint")
+Check = Callable[[Any], Optional[str]]  # returns what is wrong with a value, or None
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the declaration says about one setting besides its type and default."""
+
+    help: str
+    flags: tuple[str, ...] = ()  # CompVis spellings besides --name (e.g. --ddim_steps)
+    switches: Mapping[str, Any] = field(default_factory=dict)  # value-less flags: {"plms": "plms"}
+    check: Optional[Check] = None
+    choices: Optional[Callable[[], Sequence[str]]] = None
+    value_aliases: Mapping[str, Any] = field(default_factory=dict)  # e.g. precision "full" -> "fp32"
+    recipe: bool = True  # recorded in each PNG and restored by --regenerate
+    tasks: tuple[str, ...] = TASKS
+    task_defaults: Mapping[str, Any] = field(default_factory=dict)
+    model_default: bool = False  # a model config's top-level ``sampling:`` mapping may set it
+
+
+def setting(default: Any, help: str, **spec: Any) -> Any:
+    return field(default=default, metadata={"spec": Spec(help=help, **spec)})
+
+
+def finite(value: float) -> Optional[str]:
+    return None if math.isfinite(value) else f"must be a finite number, got {value}"
+
+
+def between(low: float, high: float) -> Check:
+    return lambda v: finite(v) or (None if low <= v <= high else f"must be in [{low}, {high}], got {v}")
+
+
+def at_least(low: float) -> Check:
+    return lambda v: finite(v) or (None if v >= low else f"must be at least {low}, got {v}")
+
+
+def image_side(value: int) -> Optional[str]:
+    if value > 0 and value % 8 == 0:
+        return None
+    return f"must be a positive multiple of 8, got {value} (try {max(8, round(value / 8) * 8)})"
+
+
+def _sampler_names() -> list[str]:
+    from ldm.models.diffusion.sampling import sampler_names
+
+    return sampler_names()
+
+
+def _discretizations() -> list[str]:
+    from ldm.models.diffusion.sampling import DISCRETIZATIONS
+
+    return list(DISCRETIZATIONS)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16", "autocast")
+
+
+def _precisions() -> list[str]:
+    return list(PRECISIONS)
+
+
+@dataclass
+class SamplingSettings:
+    """How images are sampled: what :func:`ldm.generation.generate` takes."""
+
+    negative_prompt: str = setting("", "what to steer away from (classifier-free guidance's unconditional side)",
+                                   flags=("neg",), model_default=True)
+    sampler: str = setting("ddim", "the solver", switches={"plms": "plms"}, choices=_sampler_names,
+                           model_default=True)
+    steps: int = setting(50, "number of denoising steps", flags=("ddim_steps",), check=at_least(1), model_default=True)
+    guidance_scale: float = setting(7.5, "classifier-free guidance scale (1 = no guidance)", flags=("scale",),
+                                    check=finite, model_default=True)
+    guidance_rescale: float = setting(0.0, "rescale guided predictions towards the conditional one's std (0 = off)",
+                                      check=between(0, 1), model_default=True)
+    eta: Optional[float] = setting(None, "noise of stochastic samplers (ddim: 0 deterministic, 1 DDPM-like); "
+                                   "null = the sampler's own", flags=("ddim_eta",), check=at_least(0),
+                                   model_default=True)
+    discretization: Optional[str] = setting(None, "timestep spacing; null = the sampler's own",
+                                            choices=_discretizations, model_default=True)
+    height: Optional[int] = setting(512, "image height (multiple of 8); img2img/inpaint: null = the init image's",
+                                    flags=("H",), check=image_side, model_default=True,
+                                    task_defaults={"img2img": None, "inpaint": None})
+    width: Optional[int] = setting(512, "image width (multiple of 8); img2img/inpaint: null = the init image's",
+                                   flags=("W",), check=image_side, model_default=True,
+                                   task_defaults={"img2img": None, "inpaint": None})
+    strength: float = setting(0.75, "img2img: how much to change the image (0 = keep, 1 = ignore it)",
+                              check=between(0, 1), tasks=("img2img",), model_default=True)
+    precision: str = setting("fp32", "fp32 | bf16 | fp16 (weights in that dtype) | autocast (CompVis: full)",
+                             choices=_precisions, value_aliases={"full": "fp32"})
+    batch_invariant: bool = setting(True, "compute each image on its own: bit-identical whatever else is in the batch")
+
+
+@dataclass
+class RunSettings(SamplingSettings):
+    """A script run: the model, prompts, seeds, outputs (plus everything of :class:`SamplingSettings`)."""
+
+    prompt: Optional[str] = setting(None, "the prompt (or from_file)")
+    from_file: Optional[str] = setting(None, "a text file: one prompt per non-empty line", flags=("from-file",),
+                                       recipe=False)
+    config: Optional[str] = setting(None, "model YAML; with ckpt unset too, the bundled demo model")
+    ckpt: Optional[str] = setting(None, "weights: .safetensors or .ckpt")
+    use_ema: bool = setting(False, "use the file's model_ema.* weights")
+    n_samples: int = setting(3, "images per prompt in each iteration", check=at_least(1), recipe=False)
+    n_iter: int = setting(2, "iterations", check=at_least(1), recipe=False)
+    seed: int = setting(42, "seed of the first image; image k gets seed + k", check=between(0, 2**32 - 1))
+    fixed_code: bool = setting(False, "every image starts from the same noise (seed)", recipe=False)
+    compile: bool = setting(False, "torch.compile the UNet (the first image pays the compilation)")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N", recipe=False)
+    outdir: str = setting("outputs/txt2img-samples", "output folder", recipe=False,
+                          task_defaults={"img2img": "outputs/img2img-samples", "inpaint": "outputs/inpainting-samples"})
+    skip_grid: bool = setting(False, "do not write the grid image", recipe=False)
+    skip_save: bool = setting(False, "do not write the single images", recipe=False)
+    n_rows: int = setting(0, "images per grid row (0 = one row per iteration)", check=at_least(0), recipe=False)
+    regenerate: Optional[str] = setting(None, "a PNG written by these scripts: reproduce that one image", recipe=False)
+    init_img: Optional[str] = setting(None, "img2img/inpaint: the image to start from", flags=("init-img",),
+                                      tasks=("img2img", "inpaint"))
+    mask: Optional[str] = setting(None, "inpaint: white = repaint, black = keep", tasks=("inpaint",))
+
+
+# The declaration in force; tests swap in a subclass with an extra field to prove everything follows it.
+RUN_SETTINGS: type = RunSettings
+
+
+@dataclass(frozen=True)
+class Declared:
+    """One setting as seen by a task: name, base type, whether null is allowed, default, spec."""
+
+    name: str
+    kind: type
+    nullable: bool
+    default: Any
+    spec: Spec
+    sampling: bool  # part of SamplingSettings (passed to generate)
+
+
+def declared(task: Optional[str] = None) -> list[Declared]:
+    """The settings of ``task`` (all tasks' when None), in declaration order."""
+    cls = RUN_SETTINGS
+    hints = typing.get_type_hints(cls)
+    sampling_names = {f.name for f in dataclasses.fields(SamplingSettings)}
+    out = []
+    for f in dataclasses.fields(cls):
+        spec = f.metadata.get("spec") or Spec(help="")
+        if task is not None and task not in spec.tasks:
+            continue
+        kind, nullable = hints[f.name], False
+        if typing.get_origin(kind) is typing.Union:
+            args = [a for a in typing.get_args(kind) if a is not type(None)]
+            kind, nullable = args[0], len(args) < len(typing.get_args(kind))
+        default = spec.task_defaults.get(task, f.default) if task else f.default
+        out.append(Declared(f.name, kind, nullable, default, spec, f.name in sampling_names))
+    return out
+
+
+def by_name(task: Optional[str] = None) -> dict[str, Declared]:
+    return {d.name: d for d in declared(task)}
+
+
+def defaults(task: str) -> dict[str, Any]:
+    return {d.name: d.default for d in declared(task)}
+
+
+def flag_names(task: Optional[str] = None) -> dict[str, str]:
+    """Every accepted flag spelling (without dashes) -> setting name: --name, --name-with-dashes, CompVis aliases."""
+    out = {}
+    for d in declared(task):
+        for flag in (d.name, d.name.replace("_", "-"), *d.spec.flags):
+            out[flag] = d.name
+    return out
+
+
+def switches(task: Optional[str] = None) -> dict[str, tuple[str, Any]]:
+    """Value-less flags: flag -> (setting, value)."""
+    return {flag: (d.name, value) for d in declared(task) for flag, value in d.spec.switches.items()}
+
+
+def type_problem(d: Declared, value: Any) -> Optional[str]:
+    """What is wrong with the *type* of ``value`` for setting ``d`` (JSON/YAML values: no coercion)."""
+    if value is None:
+        return None if d.nullable else "must be set (it is null)"
+    ok = {str: isinstance(value, str), bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool)}.get(d.kind, True)
+    if ok:
+        return None
+    want = {str: "text", bool: "true or false", int: "an integer", float: "a number"}[d.kind]
+    return f"must be {want}, got {value!r}"
+
+
+def value_problem(d: Declared, value: Any) -> Optional[str]:
+    """What is wrong with ``value`` for setting ``d`` (type, choices, range), or None."""
+    problem = type_problem(d, value)
+    if problem or value is None:
+        return problem
+    if d.spec.choices is not None and value not in d.spec.choices():
+        return f"must be one of {', '.join(d.spec.choices())}, got {value!r}"
+    return d.spec.check(value) if d.spec.check is not None else None
+
+
+def problems(values: Mapping[str, Any], task: Optional[str] = None, *, timesteps: Optional[int] = None) -> list[str]:
+    """Every problem of a settings mapping, one message each (keys it lacks are not checked)."""
+    from ldm.models.diffusion.sampling import SAMPLERS
+
+    found = []
+    for d in declared(task):
+        if d.name in values and (problem := value_problem(d, values[d.name])):
+            found.append(f"{d.name} {problem}")
+    if found:
+        return found
+    steps, sampler = values.get("steps"), values.get("sampler")
+    if timesteps is not None and steps is not None and steps > timesteps:
+        found.append(f"steps must be at most the model's {timesteps} training timesteps, got {steps}")
+    if values.get("eta") not in (None, 0) and sampler in SAMPLERS and "eta" not in SAMPLERS[sampler].options:
+        found.append(f"sampler {sampler!r} is deterministic and takes no eta; use ddim, ddpm, euler_a or dpmpp_2m_sde")
+    return found
+
+
+def validate(values: Mapping[str, Any], task: Optional[str] = None, *, timesteps: Optional[int] = None) -> None:
+    """Raise one ``ValueError`` naming every problem of ``values`` (see :func:`problems`)."""
+    found = problems(values, task, timesteps=timesteps)
+    if found:
+        raise ValueError("; ".join(found))
+
+
+def recipe_fields(task: str) -> list[str]:
+    """Settings each PNG of ``task`` records (besides per-image prompt/seed and model/input hashes)."""
+    return [d.name for d in declared(task) if d.spec.recipe]
+
+
+def check_recipe(meta: Mapping[str, Any], task: str, source: str) -> None:
+    """Recorded recipe fields have the declared types and valid values; one line naming the field."""
+    for d in declared(task):
+        if d.spec.recipe and d.name in meta and (problem := value_problem(d, meta[d.name])):
+            raise ValueError(f"{source}: recipe field {d.name!r} {problem}; the PNG's metadata was altered "
+                             "or written by another tool")
+
+
+def sampling_settings(values: Mapping[str, Any]) -> SamplingSettings:
+    """The :class:`SamplingSettings` part of a run's settings (absent fields keep their defaults)."""
+    names = [f.name for f in dataclasses.fields(SamplingSettings)]
+    return SamplingSettings(**{n: values[n] for n in names if n in values})
+
+
+def register_configs() -> None:
+    """Store each task's settings schema in Hydra's ConfigStore as ``<task>_settings`` (typed, with defaults)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for task in TASKS:
+        fields_ = [(d.name, Optional[d.kind] if d.nullable else d.kind, field(default=d.default))
+                   for d in declared(task)]
+        store.store(name=f"{task}_settings", node=dataclasses.make_dataclass(f"{task.title()}Settings", fields_))
+
+
+def help_text(task: str) -> str:
+    """``--help`` of a script: every setting with its flags, default and meaning."""
+    lines = [f"usage: scripts/{task}.py [--flag value | key=value] ...", "",
+             "Every setting below works as --name value, key=value (Hydra), or a CompVis flag where listed.",
+             "Without --ckpt/--config the bundled demo model is used.", ""]
+    for d in declared(task):
+        flags = ", ".join(f"--{f}" for f in (d.spec.flags + tuple(d.spec.switches)))
+        kind = d.kind.__name__ + (" | null" if d.nullable else "")
+        lines.append(f"  {d.name} ({kind}, default {d.default!r}){'  [' + flags + ']' if flags else ''}")
+        lines.append(f"      {d.spec.help}")
+    return "\n".join(lines)
+
+
+def names(task: Optional[str] = None) -> Iterable[str]:
+    return [d.name for d in declared(task)]

@@ -1,0 +1,111 @@
+"""Bad settings and late failures: one error line before any output, and nothing left half-written."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm import runner
+from ldm.api import build_model, save_model
+from ldm.image_io import image_to_tensor, mask_to_tensor, read_metadata
+from ldm.models.diffusion.sampling.core import NoiseSource
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs/tiny/tiny-sd1.yaml"
+FAST = ["--H", "32", "--W", "32", "--ddim_steps", "2", "--n_iter", "1", "--n_samples", "1"]
+
+
+@pytest.fixture(scope="module")
+def txt2img():
+    spec = importlib.util.spec_from_file_location("_hardening_txt2img", ROOT / "scripts" / "txt2img.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def model_args(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model(build_model(TINY), path)
+    return ["--config", str(TINY), "--ckpt", str(path)]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--scale", "nan"], "guidance_scale must be a finite number"),
+    (["--scale", "inf"], "guidance_scale must be a finite number"),
+    (["--ddim_eta", "nan"], "eta must be a finite number"),
+    (["--ddim_eta", "-5"], "eta must be at least 0"),
+    (["guidance_rescale=2"], "guidance_rescale must be in [0, 1]"),
+    (["--seed", str(2**64 - 1)], "seed must be in [0, 4294967295]"),
+    (["--seed", str(2**32 - 1), "--n_iter", "2"], "up to 4294967296"),  # the 2nd image's seed overflows
+    (["--device", "cuda:99"], "device 'cuda:99'"),
+    (["--device", "banana"], "unknown device"),
+    (["--H", "8192", "--W", "8192"], "GiB to decode"),
+    (["--H", "100000", "--W", "100000"], "GiB to decode"),
+    (["--prompt", "caf\udcff"], "not valid UTF-8"),  # an undecodable byte from the shell
+])
+def test_bad_settings_fail_before_any_output(txt2img, model_args, tmp_path, capsys, argv, words):
+    out = tmp_path / "out"
+    base = ["--prompt", "x", *FAST, "--outdir", str(out), *model_args]
+    assert txt2img.run([*base, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+    assert not out.exists()
+
+
+def test_outdir_blocked_by_a_file(txt2img, model_args, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert txt2img.run(["--prompt", "x", *FAST, "--outdir", str(blocker / "sub"), *model_args]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert blocker.read_text() == "x"
+
+
+def test_late_failure_removes_what_the_run_wrote(txt2img, model_args, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert txt2img.run(["--prompt", "first", *FAST, "--outdir", str(out), *model_args]) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    real, calls = runner.generate, []
+
+    def fail_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("simulated failure late in the run")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "generate", fail_on_second_batch)
+    assert txt2img.run(["--prompt", "second", *FAST, "--n_iter", "2", "--outdir", str(out), *model_args]) == 2
+    assert "simulated failure" in capsys.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # the earlier run's files, unchanged
+    assert read_metadata(out / "samples" / "00000.png")["prompt"] == "first"
+    calls.clear()
+    fresh = tmp_path / "fresh"
+    assert txt2img.run(["--prompt", "second", *FAST, "--n_iter", "2", "--outdir", str(fresh), *model_args]) == 2
+    assert not fresh.exists()  # a folder the failed run made is gone too
+
+
+def test_sixteen_bit_grey_images_keep_their_range(tmp_path):
+    values = np.linspace(0, 65535, 64, dtype=np.float64).round().astype(np.uint16).reshape(8, 8)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    img = Image.open(tmp_path / "g16.png")
+    assert img.mode.startswith("I")
+    x = image_to_tensor(img)
+    expected = torch.from_numpy(values.astype(np.float32) / 65535 * 2 - 1)
+    assert x.shape == (1, 3, 8, 8) and torch.allclose(x[0, 1], expected, atol=1e-6)
+    mask = mask_to_tensor(img)
+    assert torch.equal(mask[0, 0], torch.from_numpy(values >= 32768).float())  # not clipped to all-white
+
+
+def test_noise_seeds_outside_32_bits_are_refused():
+    assert torch.equal(NoiseSource([2**32 - 1]).randn((4,)), NoiseSource([2**32 - 1]).randn((4,)))
+    for seed in (2**32, -1):
+        with pytest.raises(ValueError, match="outside"):
+            NoiseSource([seed])
