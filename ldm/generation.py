@@ -200,12 +200,14 @@ def _generate_batch(model, prompts: list[str], negative: list[str], seeds: list[
                 raise ValueError("inpainting needs init_image as well as mask")
             mask = _fit(mask, len(prompts), height, width, "mask").to(device).clamp(0, 1)
             mask = (mask > 0.5).float()
-        if getattr(model.model, "conditioning_key", None) == "hybrid":  # 9-channel inpainting model
+        masked_image = _masked_image_embedder(model)
+        if masked_image is not None:  # 9-channel inpainting model
             # Without a mask it repaints everything: text-to-image, or SDEdit from init_image.
             repaint = mask if mask is not None else torch.ones(len(prompts), 1, height, width, device=device)
             source = init_image if init_image is not None else torch.zeros(len(prompts), 3, height, width, device=device)
-            masked = encode_image(model, source * (1 - repaint))
-            c_cat = torch.cat([F.interpolate(repaint, size=shape[1:]), masked.float()], dim=1)
+            inputs = {key: repaint for key in masked_image.input_keys}
+            inputs[masked_image.masked_image_key] = source * (1 - repaint)
+            c_cat = model.conditioner(inputs, kinds=["concat"])["concat"].float()
             cond = {"c_concat": [c_cat], "c_crossattn": [cond]}
             uncond = {"c_concat": [c_cat], "c_crossattn": [uncond]}
             if mask is not None:
@@ -223,6 +225,15 @@ def _generate_batch(model, prompts: list[str], negative: list[str], seeds: list[
     with precision_context("bf16" if precision == "bf16" else "fp32", device, first_dtype):
         images = model.decode_first_stage(latents)
     return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def _masked_image_embedder(model: torch.nn.Module):
+    """The conditioner's mask + masked-image embedder of an inpainting model, or None."""
+    from ldm.modules.encoders.conditioner import MaskedImageEmbedder
+
+    conditioner = getattr(model, "conditioner", None)
+    found = [e for e in getattr(conditioner, "embedders", []) if isinstance(e, MaskedImageEmbedder)]
+    return found[0] if found else None
 
 
 def _fit(x: torch.Tensor, n: int, height: int, width: int, what: str) -> torch.Tensor:

@@ -18,6 +18,7 @@ from ldm.models.diffusion import schedule as sched
 from ldm.models.diffusion.training import DiffusionTrainingMixin
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
+from ldm.modules.encoders.conditioner import Conditioner, MaskedImageEmbedder, StageEmbedder
 from ldm.util import disabled_train, images_to_bchw, instantiate_from_config
 
 CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm", "crossattn-adm")
@@ -252,8 +253,27 @@ class LatentDiffusion(DDPM):
             self.scale_factor = scale_factor
         self.instantiate_first_stage(first_stage_config)
         self.instantiate_cond_stage(cond_stage_config)
+        self.__dict__["_conditioner"] = Conditioner(self.conditioning_embedders())
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys)
+
+    # ---- the conditioner: batch -> conditioning dict --------------------------------------
+    @property
+    def conditioner(self) -> Conditioner:
+        """The embedders over this model's stages (not a submodule: checkpoint keys stay ``cond_stage_model.*``)."""
+        return self.__dict__["_conditioner"]
+
+    def conditioning_embedders(self) -> list:
+        if self.cond_stage_model is None or self.model.conditioning_key is None:
+            return []
+        return [StageEmbedder(self.cond_stage_model, self.cond_stage_key, self.get_learned_conditioning,
+                              is_trainable=self.cond_stage_trainable)]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if "_conditioner" in self.__dict__:
+            self.conditioner.train(mode)
+        return self
 
     def instantiate_first_stage(self, config: dict) -> None:
         model = instantiate_from_config(config).eval()
@@ -317,15 +337,11 @@ class LatentDiffusion(DDPM):
         return self.model(x_noisy, t, **cond)
 
     def drop_conditioning(self, batch: dict) -> dict:
-        """Classifier-free guidance training: per sample, replace ``batch[key]`` by its null value with prob p."""
-        if not self.training or not self.ucg_training:
+        """Classifier-free guidance training: per sample, replace ``batch[key]`` by its null value with prob p
+        (``ucg_training`` = {key: {p, val}}, and the embedders' own rates), through the conditioner."""
+        if not self.training:
             return batch
-        batch = dict(batch)
-        for key, spec in self.ucg_training.items():
-            p, val = float(spec["p"]), spec["val"]
-            drop = (torch.rand(len(batch[key])) < p).tolist()
-            batch[key] = [val if d else v for d, v in zip(drop, batch[key])]
-        return batch
+        return self.conditioner.drop(batch, self.ucg_training)
 
     def get_input(self, batch: dict, k: str, cond_key: Optional[str] = None, bs: Optional[int] = None,
                   force_c_encode: bool = False, return_first_stage_outputs: bool = False, **kwargs):
@@ -395,28 +411,30 @@ class LatentInpaintDiffusion(LatentDiffusion):
 
     def __init__(self, *args, concat_keys: Sequence[str] = ("mask", "masked_image"), masked_image_key: str = "masked_image",
                  finetune_keys=None, keep_finetune_dims: int = 4, c_concat_log_start=None, c_concat_log_end=None, **kwargs):
-        super().__init__(*args, **kwargs)
         self.concat_keys = tuple(concat_keys)
         self.masked_image_key = masked_image_key
         if masked_image_key not in self.concat_keys:
             raise ValueError(f"masked_image_key {masked_image_key!r} must be one of concat_keys {self.concat_keys}")
+        super().__init__(*args, **kwargs)
 
-    def inpaint_conditioning(self, batch: dict, latent_size: Sequence[int]) -> torch.Tensor:
+    def conditioning_embedders(self) -> list:
+        return [*super().conditioning_embedders(),
+                MaskedImageEmbedder(self._encode_images, self.concat_keys, self.masked_image_key)]
+
+    def _encode_images(self, images: torch.Tensor, sample: bool) -> torch.Tensor:
+        posterior = self.encode_first_stage(images.to(self.device))
+        if sample:
+            return self.get_first_stage_encoding(posterior)
+        return self.scale_factor * (posterior.mode() if isinstance(posterior, DiagonalGaussianDistribution) else posterior)
+
+    def inpaint_conditioning(self, batch: dict, latent_size: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Concatenated channels: the mask resized to latent size and the masked image encoded."""
-        parts = []
-        for key in self.concat_keys:
-            cc = images_to_bchw(batch[key]).to(self.device)
-            if key == self.masked_image_key:
-                cc = self.get_first_stage_encoding(self.encode_first_stage(cc))
-            else:
-                cc = F.interpolate(cc, size=tuple(latent_size))
-            parts.append(cc)
-        return torch.cat(parts, dim=1)
+        return self.conditioner({k: batch[k] for k in self.concat_keys}, kinds=["concat"])["concat"]
 
     def get_input(self, batch: dict, k: str, **kwargs):
         z, c, *rest = super().get_input(batch, k, **kwargs)
         bs = kwargs.get("bs")
         sub = {key: batch[key][:bs] for key in self.concat_keys}
         with torch.no_grad():
-            c_cat = self.inpaint_conditioning(sub, z.shape[-2:])
+            c_cat = self.inpaint_conditioning(sub)
         return [z, {"c_concat": [c_cat], "c_crossattn": [c]}, *rest]
