@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test demo demo-model bench-load bench-txt2img
+.PHONY: setup test test-fast demo demo-model bench-load bench-txt2img
 
 setup:
 	@LDM_VENV=$(VENV) bash scripts/setup_env.sh
@@ -17,6 +17,9 @@ demo-model: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench-load: setup
 	$(PY) benchmarks/bench_load.py

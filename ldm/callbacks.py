@@ -58,25 +58,29 @@ class ImageLogger(pl.Callback):
 def export_for_sampling(pl_module: pl.LightningModule, model_config: Any, out_dir: str | os.PathLike,
                         sampling: Optional[dict] = None, dtype: Optional[torch.dtype] = None) -> Path:
     """Write ``model.safetensors`` (EMA weights when the model has them, no ``model_ema.*``) and the
-    ``config.yaml`` (model config with ``use_ema: false`` and sampling defaults) the scripts load directly."""
+    ``config.yaml`` (model config with ``use_ema: false`` and sampling defaults) the scripts load directly.
+
+    ``pl_module`` is not modified: a LoRA is merged into copies of the adapted layers, so whatever runs
+    after the export (evaluation, more training) sees the very weights training produced.
+    """
     from ldm.checkpoint import save_state_dict
-    from ldm.lora import has_lora, merge_lora, save_lora
+    from ldm.lora import has_lora, merged_state_dict, save_lora
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ema = getattr(pl_module, "model_ema", None) if getattr(pl_module, "use_ema", False) else None
-    if has_lora(pl_module):
-        # Training is over: put the EMA weights in, keep the adapters as a LoRA file, then fold them in.
-        if ema is not None:
-            ema.copy_to(pl_module.model)
-            ema = None
-        save_lora(pl_module, out_dir / "lora.safetensors")
-        merge_lora(pl_module)
-    state = {k: v.detach() for k, v in pl_module.state_dict().items() if not k.startswith("model_ema.")}
-    if ema is not None:
+    values: dict[str, torch.Tensor] = {}
+    if ema is not None:  # EMA weights by parameter name in pl_module
         shadow = dict(ema.named_buffers())
-        for name, s_name in ema.m_name2s_name.items():
-            state[f"model.{name}"] = shadow[s_name].detach()
+        values = {f"model.{name}": shadow[s_name].detach() for name, s_name in ema.m_name2s_name.items()}
+    if has_lora(pl_module):
+        # The (EMA) adapters as a LoRA file, and the model with them folded in.
+        save_lora(pl_module, out_dir / "lora.safetensors", values=values)
+        state = merged_state_dict(pl_module, values)
+    else:
+        state = {k: v.detach() for k, v in pl_module.state_dict().items()}
+        state.update((k, v) for k, v in values.items() if k in state)
+    state = {k: v for k, v in state.items() if not k.startswith("model_ema.")}
     save_state_dict(state, out_dir / "model.safetensors", dtype=dtype)
     cfg = OmegaConf.create({"model": OmegaConf.to_container(OmegaConf.create(model_config), resolve=True)})
     if _is_diffusion(cfg.model.target):
@@ -108,7 +112,7 @@ class EMAExport(pl.Callback):
         self.dtype = getattr(torch, dtype) if dtype else None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # After the last checkpoint is written: a LoRA export folds the adapters into the module.
+        # After the last checkpoint is written; the module is left as training made it.
         if trainer.is_global_zero:
             path = export_for_sampling(pl_module, self.model_config, self.out_dir, self.sampling, self.dtype)
             print(f"exported weights for sampling: {path}")

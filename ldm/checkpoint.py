@@ -15,6 +15,7 @@ import fnmatch
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -24,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ldm import safe_pickle
+from ldm.files import atomic_output
 
 __all__ = [
     "CheckpointError", "read_state_dict", "read_training_checkpoint", "checkpoint_metadata", "split_ema",
@@ -90,7 +92,20 @@ def _check_file(path: str | os.PathLike) -> tuple[Path, str]:
     return p, kind
 
 
+def _check_zip_crc(p: Path) -> None:
+    """torch's zip reader does not verify CRCs: a flipped byte in a tensor would load silently."""
+    try:
+        with zipfile.ZipFile(p) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{p} is corrupt or truncated ({_first_line(err)}); re-download or re-save it") from None
+    if bad is not None:
+        raise CheckpointError(f"{p} is corrupt: {bad} inside it fails its CRC check; re-download or re-save it")
+
+
 def _torch_load(p: Path, kind: str, device: str | torch.device, allow_unsafe_pickle: bool) -> Any:
+    if kind == "zip":
+        _check_zip_crc(p)
     try:
         # mmap only works for the zip format; legacy pickles are read into memory.
         if allow_unsafe_pickle:
@@ -262,6 +277,19 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *
     return expected, sd
 
 
+def check_values(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    """Refuse, naming the tensor, a non-float value where the model has a float one, and NaN / inf values."""
+    for k, v in state_dict.items():
+        ref = expected.get(k)
+        if ref is not None and ref.is_floating_point() and not v.is_floating_point():
+            raise CheckpointError(f"tensor {k!r} is {str(v.dtype).replace('torch.', '')} but the model expects floating "
+                                  "point weights; the file was not written for this model (or is damaged)")
+        if v.is_floating_point() and not v.is_meta and v.numel() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise CheckpointError(f"tensor {k!r} holds {bad} NaN/inf value(s) of {v.numel()}; the file is damaged or "
+                                  "its training diverged: use another checkpoint")
+
+
 def load_into_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True,
                     dtype: torch.dtype | None = None, ignore_keys: Iterable[str] = (),
                     optional_keys: Iterable[str] = ()) -> None:
@@ -272,6 +300,7 @@ def load_into_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
     """
     ignore, optional = list(ignore_keys), list(optional_keys)
     expected, sd = check_state_dict(model, state_dict, strict=strict, ignore_keys=ignore, optional_keys=optional)
+    check_values(sd, expected)
     for k, v in list(sd.items()):
         ref = expected.get(k)
         to_dtype = v.dtype
@@ -330,28 +359,15 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     if not p.parent.is_dir():
         raise CheckpointError(f"cannot save {p}: directory {p.parent} does not exist; create it first")
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     try:
-        if p.suffix.lower() in PICKLE_SUFFIXES:
-            with open(tmp, "wb") as f:
-                torch.save({"state_dict": sd, **meta}, f)
-        else:
-            save_file(sd, str(tmp), metadata=meta or None)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # data on disk before the rename makes it visible
-        os.replace(tmp, p)
-        with contextlib.suppress(OSError):  # persist the rename too; not every filesystem allows this
-            fd = os.open(p.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, Exception):
-            raise CheckpointError(f"could not save {p} ({_first_line(err)}); "
-                                  "the previous file, if any, is unchanged") from err
-        raise
+        with atomic_output(p) as tmp:
+            if p.suffix.lower() in PICKLE_SUFFIXES:
+                torch.save({"state_dict": sd, **meta}, tmp)
+            else:
+                save_file(sd, str(tmp), metadata=meta or None)
+    except Exception as err:
+        raise CheckpointError(f"could not save {p} ({_first_line(err)}); "
+                              "the previous file, if any, is unchanged") from err
 
 
 @contextlib.contextmanager

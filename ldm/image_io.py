@@ -110,7 +110,7 @@ def format_parameters(metadata: Mapping[str, Any]) -> str:
     size = f"{m['width']}x{m['height']}" if m.get("width") and m.get("height") else None
     fields = [("Prompt", m.get("prompt")), ("Negative prompt", m.get("negative_prompt")), ("Steps", m.get("steps")),
               ("Sampler", m.get("sampler")), ("CFG scale", m.get("guidance_scale")), ("Seed", m.get("seed")),
-              ("Size", size), ("Strength", m.get("strength")), ("Model hash", (m.get("model_sha256") or "")[:10])]
+              ("Size", size), ("Strength", m.get("strength")), ("Model hash", str(m.get("model_sha256") or "")[:10])]
     return ", ".join(f"{label}: {value}".replace("\n", " ") for label, value in fields if value not in (None, ""))
 
 

@@ -17,18 +17,21 @@ After :func:`merge_lora` or :func:`remove_lora` the state dict is exactly the or
 """
 from __future__ import annotations
 
+import copy
+import math
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import takewhile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from ldm.checkpoint import CheckpointError, read_state_dict
+from ldm.files import atomic_output
 from ldm.modules.diffusionmodules.openaimodel import ResBlock, Upsample
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -50,9 +53,13 @@ def _unet(model: nn.Module) -> nn.Module:
 
 
 def _text_model(model: nn.Module) -> nn.Module | None:
-    """The HF CLIP text tower (SD 1.x FrozenCLIPEmbedder), or None for other conditioners."""
-    te = getattr(getattr(getattr(model, "cond_stage_model", None), "transformer", None), "text_model", None)
-    return te if te is not None and hasattr(te, "encoder") and hasattr(te.encoder, "layers") else None
+    """The HF CLIP text tower of the conditioner's text encoder (SD 1.x FrozenCLIPEmbedder), or None."""
+    conditioner = getattr(model, "conditioner", None)
+    for encoder in conditioner.text_encoders() if conditioner is not None else []:
+        te = getattr(getattr(encoder, "transformer", None), "text_model", None)
+        if te is not None and hasattr(te, "encoder") and hasattr(te.encoder, "layers"):
+            return te
+    return None
 
 
 def _unet_layout(unet: nn.Module) -> dict[str, tuple[str, Mapping[str, str]]]:
@@ -221,7 +228,8 @@ def add_lora(
     if text_encoder:
         te = _text_model(model)
         if te is None:
-            raise ValueError("LoRA: text_encoder=True needs an HF CLIP text encoder (cond_stage_model.transformer.text_model)")
+            raise ValueError("LoRA: text_encoder=True needs a CLIP text encoder (transformers' CLIPTextModel) in the "
+                             "model's conditioner")
         parts.append((te, text_targets, "text encoder"))
     for root, targets, what in parts:
         spec = {n: (rank, alpha) for n, m in root.named_modules()
@@ -236,23 +244,57 @@ def add_lora(
     return _inject(model, specs, dropout, adapter_name)
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The injected adapters as kohya/A1111 tensors (fp32 CPU copies), keyed with diffusers module names."""
+def lora_state_dict(model: nn.Module, values: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The injected adapters as kohya/A1111 tensors (fp32 CPU copies), keyed with diffusers module names.
+
+    ``values`` replaces adapter tensors by their parameter name in ``model`` (e.g. EMA weights).
+    """
+    values = values or {}
     names = {v: k for k, v in _index(model).items()}
+    prefixes = {id(m): n for n, m in model.named_modules()}
     out: dict[str, torch.Tensor] = {}
     for root in {id(r): r for r, _ in names}.values():
         for path, layer in _lora_layers(root):
-            key = names[(root, path)]
+            key, full = names[(root, path)], _join(prefixes[id(root)], path)
             for adapter in layer.lora_A:
-                out[f"{key}.lora_down.weight"] = layer.lora_A[adapter].weight.detach().float().cpu().clone()
-                out[f"{key}.lora_up.weight"] = layer.lora_B[adapter].weight.detach().float().cpu().clone()
+                down = values.get(f"{full}.lora_A.{adapter}.weight", layer.lora_A[adapter].weight)
+                up = values.get(f"{full}.lora_B.{adapter}.weight", layer.lora_B[adapter].weight)
+                out[f"{key}.lora_down.weight"] = down.detach().float().cpu().clone()
+                out[f"{key}.lora_up.weight"] = up.detach().float().cpu().clone()
                 out[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[adapter]))
     return out
 
 
-def save_lora(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, object] | None = None) -> Path:
-    """Write :func:`lora_state_dict` as safetensors, atomically (no torn file if interrupted)."""
-    state = lora_state_dict(model)
+@torch.no_grad()
+def merged_state_dict(model: nn.Module, values: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` as :func:`merge_lora` would leave it, with ``model`` itself untouched.
+
+    Each adapted layer is merged in a throw-away copy (one layer at a time, so the memory cost is one
+    layer), so exporting after training does not change what evaluation or further training sees.
+    ``values`` replaces adapter tensors by their parameter name in ``model`` (e.g. EMA weights).
+    """
+    values = values or {}
+    state = model.state_dict()
+    for name, layer in _lora_layers(model):
+        for key in [k for k in state if k.startswith(f"{name}.lora_")]:
+            del state[key]
+        twin = copy.deepcopy(layer)
+        for pname, param in twin.named_parameters():
+            if _join(name, pname) in values:
+                param.copy_(values[_join(name, pname)])
+        twin.merge()
+        state[f"{name}.weight"] = twin.get_base_layer().weight.detach()
+    return state
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def save_lora(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, object] | None = None,
+              values: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write :func:`lora_state_dict` (with ``values``) as safetensors, atomically (no torn file if interrupted)."""
+    state = lora_state_dict(model, values)
     if not state:
         raise ValueError("save_lora: the model has no LoRA adapters (call add_lora or load_lora first)")
     ranks = {v.shape[0] for k, v in state.items() if k.endswith(".lora_down.weight")}
@@ -264,14 +306,8 @@ def save_lora(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, 
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
     return path
 
 
@@ -282,7 +318,19 @@ def load_lora(model: nn.Module, path: str | os.PathLike, scale: float = 1.0, *,
     The model ends up as after :func:`add_lora` (only LoRA trainable), so training can resume from a file.
     Raises a one-line ValueError, leaving the model untouched, if the file does not fit the model.
     """
-    state = load_file(str(path))
+    if not math.isfinite(scale):
+        raise ValueError(f"load_lora: scale must be a finite number, got {scale}")
+    try:
+        state = read_state_dict(path)
+    except CheckpointError as err:
+        raise ValueError(f"load_lora: {err}") from None
+    for key, tensor in state.items():  # checked before the model is touched
+        if not tensor.is_floating_point():
+            raise ValueError(f"load_lora: {key} in {os.fspath(path)!r} is {tensor.dtype}, not floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"load_lora: {key} in {os.fspath(path)!r} holds NaN/inf values; the file is damaged")
+        if key.endswith(".alpha") and not float(tensor.reshape(-1)[0]) > 0:
+            raise ValueError(f"load_lora: {key} in {os.fspath(path)!r} must be positive, got {float(tensor.reshape(-1)[0])}")
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         module, _, kind = key.partition(".")

@@ -95,6 +95,7 @@ def translate_argv(task: str, argv: Sequence[str]) -> list[str]:
     ``--help`` prints that declaration and exits."""
     settings = declaration.by_name(task)
     flags, switches = declaration.flag_names(task), declaration.switches(task)
+    multirun = any(a in ("-m", "--multirun") for a in argv)
     out: list[str] = []
     args = list(argv)
     i = 0
@@ -105,7 +106,7 @@ def translate_argv(task: str, argv: Sequence[str]) -> list[str]:
             print(declaration.help_text(task))
             raise SystemExit(0)
         if not arg.startswith("-"):
-            out.append(_passthrough(task, settings, arg))
+            out.append(_passthrough(task, settings, arg, multirun))
             continue
         name, has_value, value = arg.partition("=")
         if name in HYDRA_FLAGS | HYDRA_VALUE_FLAGS:
@@ -138,7 +139,7 @@ def translate_argv(task: str, argv: Sequence[str]) -> list[str]:
     return out
 
 
-def _passthrough(task: str, settings: Mapping[str, declaration.Declared], arg: str) -> str:
+def _passthrough(task: str, settings: Mapping[str, declaration.Declared], arg: str, multirun: bool) -> str:
     """A Hydra ``key=value`` override: values are type-checked and text stays literal (quotes, commas and
     ``${`` included), except sweeps (``seed=1,2``, ``range(3)``), kept for ``-m``."""
     key, eq, value = arg.partition("=")
@@ -158,7 +159,7 @@ def _passthrough(task: str, settings: Mapping[str, declaration.Declared], arg: s
     try:
         return f"{key}={_typed(d, value, bare)}"
     except ValueError:
-        if "," in value or "(" in value:  # a sweep: Hydra checks it
+        if multirun and ("," in value or "(" in value):  # a sweep: Hydra checks it
             return arg
         raise
 
@@ -166,6 +167,8 @@ def _passthrough(task: str, settings: Mapping[str, declaration.Declared], arg: s
 def _typed(d: declaration.Declared, value: str, name: str) -> str:
     """``value`` checked against the setting's declared type, in override syntax; one-line error if bad."""
     if value.strip() == "null":
+        if not d.nullable:
+            raise ValueError(f"{name} cannot be null; give a value (default {d.default!r})")
         return "null"
     if d.kind is str:
         return hydra_quote(str(d.spec.value_aliases.get(value, value)))

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from ldm import settings as declaration
 from ldm.api import load_config, load_model
-from ldm.cli_errors import guarded
+from ldm.cli_errors import check_overrides, guarded
 from ldm.files import atomic_write, sha256_file
 from ldm.generation import check_memory, generate, prepare_for_inference
 from ldm.image_io import image_to_tensor, make_grid, mask_to_tensor, open_image, read_metadata, save_png
@@ -31,6 +31,7 @@ from ldm.run_config import (TASKS, Settings, apply_model_defaults, apply_regener
                             resolve_model, settings_yaml, translate_argv)
 
 SAMPLE_PATTERN, GRID_PATTERN = r"(\d+)\.png", r"grid-(\d+)\.png"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass
@@ -176,6 +177,11 @@ def run_script(main: Callable[[], Any], task: str, argv: Optional[Sequence[str]]
     except SystemExit as err:
         return int(err.code or 0)
     declaration.register_configs()  # the Hydra schema of the settings, from their declaration
+    if not any(a in ("-m", "--multirun", "--cfg", "-c", "--info", "-i", "--hydra-help") for a in overrides):
+        try:  # anything Hydra itself would refuse becomes one line here, not its multi-line report
+            check_overrides(CONFIG_DIR, task, [o for o in overrides if not o.startswith("-")])
+        except SystemExit as err:
+            return int(err.code or 0)
     saved = sys.argv
     sys.argv = [saved[0] if saved else task] + overrides
     try:

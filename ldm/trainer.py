@@ -4,23 +4,23 @@
 """
 from __future__ import annotations
 
-import os
-import signal
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.callbacks import EMAExport, ImageLogger, SkippedImagesLogger, write_metrics
 from ldm.checkpoint import (CheckpointError, check_state_dict, load_into_model, read_state_dict,
                             read_training_checkpoint)
 from ldm.data.datamodule import DataModuleFromConfig
-from ldm.files import atomic_write
+from ldm.evaluation import check_evaluation_setup, evaluate_after_fit
+from ldm.files import atomic_write, remove_stale_temporaries
 from ldm.training_state import AtomicCheckpointIO, ExactResume
 from ldm.util import ConfigError, instantiate_from_config
 
@@ -99,36 +99,11 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
         opts = OmegaConf.to_container(il, resolve=True)
         callbacks.append(ImageLogger(run_dir / "images", opts.pop("prompts"), every_n_steps=opts.pop("every_n_steps", 0),
                                      **opts))
-    debug = cfg.get("debug") or {}
-    if debug.get("kill_at_step") or debug.get("sigterm_at_step") or debug.get("dump_checksums"):
-        callbacks.append(DebugHooks(run_dir, debug.get("kill_at_step"), bool(debug.get("dump_checksums")),
-                                    debug.get("sigterm_at_step")))
     if cfg.get("export", {}).get("enabled", True):
         sampling = _plain(cfg.export.get("sampling"))
         callbacks.append(EMAExport(run_dir / "export", OmegaConf.to_container(cfg.model, resolve=True), sampling,
                                    cfg.export.get("dtype")))
     return callbacks
-
-
-class DebugHooks(pl.Callback):
-    """Fault injection and cross-rank checks for tests: SIGKILL before a given step, SIGTERM after one
-    (like a cluster pre-emption), per-rank weight checksums."""
-
-    def __init__(self, run_dir: Path, kill_at_step: Optional[int], dump_checksums: bool,
-                 sigterm_at_step: Optional[int] = None):
-        self.run_dir, self.kill_at_step, self.dump_checksums = run_dir, kill_at_step, dump_checksums
-        self.sigterm_at_step = sigterm_at_step
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if self.kill_at_step is not None and trainer.global_step >= int(self.kill_at_step):
-            os.kill(os.getpid(), signal.SIGKILL)  # like a crash: no cleanup, no final checkpoint
-        if self.sigterm_at_step is not None and trainer.global_step == int(self.sigterm_at_step):
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives while step sigterm_at_step + 1 runs
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.dump_checksums:
-            sums = {k: float(v.double().sum()) for k, v in pl_module.state_dict().items() if v.is_floating_point()}
-            write_metrics(self.run_dir / f"checksums-rank{trainer.global_rank}.json", sums)
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -148,17 +123,33 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
-# Frozen first/cond stages are in eval mode on purpose; the batch size is logged explicitly.
-warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-warnings.filterwarnings("ignore", message=".*infer the `batch_size` from an ambiguous collection.*")
+# Extension point: each factory gets (cfg, run_dir) and returns extra callbacks for every run that
+# ``train`` builds in this process (e.g. fault injection in tests/debug_hooks.py, or a user's own
+# monitoring when calling training from Python). Appending is all it takes.
+CALLBACK_FACTORIES: list[Callable[[DictConfig, Path], Iterable[pl.Callback]]] = []
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Fit the configured model; returns the final metrics (also written to ``run_dir/metrics.json``)."""
+def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
+    """Fit the configured model; returns the final metrics (also written to ``run_dir/metrics.json``).
+
+    ``extra_callbacks`` (and those of :data:`CALLBACK_FACTORIES`) join the configured ones.
+    """
+    with warnings.catch_warnings():
+        # Frozen first/cond stages are in eval mode on purpose; the batch size is logged explicitly.
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+        warnings.filterwarnings("ignore", message=".*infer the `batch_size` from an ambiguous collection.*")
+        return _train(cfg, run_dir, list(extra_callbacks))
+
+
+def _train(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callback]) -> dict[str, Any]:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     ckpt, resume_dir = resolve_resume(cfg.get("resume"))
     run_dir = resume_dir or run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0:  # before any writer of this run exists: every temporary there is a leftover
+        for folder in (run_dir, run_dir / "checkpoints"):
+            for path in remove_stale_temporaries(folder, keep_live=False):
+                print(f"removed {path}, left by an interrupted write")
     model = build_model(cfg)
     if ckpt is not None:
         check_resume_compatible(model, ckpt, str(cfg.get("name", "?")))
@@ -166,49 +157,40 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     cache = data_kwargs.pop("cache", None) or {}
     data = DataModuleFromConfig(**data_kwargs)
     data.setup("fit")  # fail fast on data problems (missing folder, batch larger than the dataset)
-    fid = _plain(cfg.get("evaluate", {}).get("fid"))
-    if fid.get("weights"):
-        from ldm.fid import check_fid_setup
-
-        check_fid_setup(fid["weights"])  # a missing file or package fails now, not after training
-        n_val = len(data.datasets["validation"]) if "validation" in data.datasets else 0
-        if n_val < int(fid.get("num_samples", 100)):
-            raise ConfigError(f"evaluate.fid needs {fid.get('num_samples', 100)} validation images to compare with, "
-                              f"the validation set has {n_val}; lower evaluate.fid.num_samples or add data.validation")
-    if cache.get("enabled"):
-        use_latent_cache(cfg, model, data, cache, run_dir)
+    check_evaluation_setup(cfg, data)  # a missing FID file or package fails now, not after training
+    callbacks = build_callbacks(cfg, run_dir) + extra_callbacks
+    for factory in CALLBACK_FACTORIES:
+        callbacks.extend(factory(cfg, run_dir))
     trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), default_root_dir=str(run_dir),
-                         callbacks=build_callbacks(cfg, run_dir), logger=build_loggers(cfg, run_dir),
-                         plugins=[AtomicCheckpointIO()])
+                         callbacks=callbacks, logger=build_loggers(cfg, run_dir), plugins=[AtomicCheckpointIO()])
+    if cache.get("enabled"):
+        use_latent_cache(cfg, model, data, cache, run_dir, device=_root_device(trainer))
     _save_config(cfg, run_dir)
     trainer.fit(model, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
     metrics = {k: v for k, v in trainer.callback_metrics.items() if isinstance(v, (torch.Tensor, float, int))}
     metrics["global_step"] = trainer.global_step
     if trainer.world_size == 1 and data.dataset_configs.get("validation") is not None and "val/loss" not in metrics:
         metrics.update({k: v for k, v in (trainer.validate(model, datamodule=data, verbose=False) or [{}])[0].items()})
-    if cfg.get("evaluate", {}).get("digits", False) and trainer.is_global_zero:
-        from ldm.digit_metrics import evaluate_digits
-
-        ev = cfg.evaluate
-        with model.ema_scope():
-            result = evaluate_digits(model.eval(), per_digit=int(ev.get("per_digit", 10)),
-                                     **_plain(ev.get("sampling")))
-        metrics["digit_accuracy"] = result["digit_accuracy"]
-        metrics.update({f"digit_accuracy/{k}": v for k, v in result["per_digit"].items()})
-    if fid.get("weights") and trainer.is_global_zero:
-        from ldm.fid import evaluate_fid
-
-        sampling = {**_plain(cfg.evaluate.get("sampling")), **(fid.pop("sampling", None) or {})}
-        with model.ema_scope():
-            metrics["fid"] = evaluate_fid(model.eval(), data, fid.pop("weights"), sampling=sampling, **fid)
+    metrics.update(evaluate_after_fit(cfg, model, data, trainer))
     if trainer.is_global_zero:
         write_metrics(run_dir / "metrics.json", metrics)
     return metrics
 
 
+def _root_device(trainer: pl.Trainer) -> torch.device:
+    """The device this process trains on (the Trainer's choice), or the CPU if the strategy cannot say yet."""
+    try:
+        return torch.device(trainer.strategy.root_device)
+    except Exception:  # noqa: BLE001 - any strategy that is not set up enough to tell
+        return torch.device("cpu")
+
+
 def use_latent_cache(cfg: DictConfig, model: pl.LightningModule, data: DataModuleFromConfig, cache: dict,
-                     run_dir: Path) -> Path:
-    """Encode the training set once (first stage, and the frozen text encoder) and train from the cache."""
+                     run_dir: Path, device: torch.device | str = "cpu") -> Path:
+    """Encode the training set once (first stage, and the frozen text encoder) on ``device`` and train from the cache.
+
+    ``device`` should be where the Trainer will train (it moves the whole model there later anyway).
+    """
     import json
 
     from ldm.data.latent_cache import CachedLatentDataset, build_cache
@@ -217,10 +199,8 @@ def use_latent_cache(cfg: DictConfig, model: pl.LightningModule, data: DataModul
     text_encoder_trains = bool((cfg.get("lora") or {}).get("text_encoder", False))
     dataset_id = json.dumps(OmegaConf.to_container(cfg.data.train, resolve=True), sort_keys=True)
     encoders = [m for m in (model.first_stage_model, model.cond_stage_model) if m is not None]
-    on_gpu = torch.cuda.is_available() and str(cfg.trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
-    if on_gpu:  # encode where training will run; the Trainer moves the whole model there later anyway
-        for m in encoders:
-            m.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    for m in encoders:
+        m.to(device)
     try:
         build_cache(model, data.datasets["train"], cache_dir, dataset_id=dataset_id, flip=bool(cache.get("flip", False)),
                     batch_size=int(cache.get("batch_size", 16)), with_context=not text_encoder_trains)

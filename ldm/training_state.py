@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from ldm.files import atomic_output
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints are written to a temporary name in the same folder, then renamed; read without running code."""
+    """Checkpoints are written through :func:`ldm.files.atomic_output` (never torn); read without running code."""
 
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -31,14 +33,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_output(path) as tmp:
             torch.save(checkpoint, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def _rng_state() -> dict:

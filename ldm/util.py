@@ -171,7 +171,16 @@ def instantiate_from_config(config: Mapping[str, Any], **extra_params: Any) -> A
         raise ConfigError(f"params of {target!r} must have text keys (argument names)")
     cls = get_obj_from_str(target)
     _check_params(target, cls, params)
-    return cls(**params)
+    try:
+        return cls(**params)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        # Values of the wrong type or range fail deep inside constructors (torch, transformers, our own
+        # asserts), with any exception type: name the config entry instead.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{target}: cannot be built from its params ({type(err).__name__}: {first}); "
+                          "check their types and values") from None
 
 
 def _check_params(target: str, cls: Any, params: Mapping[str, Any]) -> None:
@@ -190,6 +199,27 @@ def _check_params(target: str, cls: Any, params: Mapping[str, Any]) -> None:
         signature.bind(**params)
     except TypeError as err:
         raise ConfigError(f"{target}: {err}; add it to params") from None
+    for name, value in params.items():
+        parameter = signature.parameters.get(name)
+        want = _PRIMITIVES.get(str(parameter.annotation)) if parameter is not None else None
+        if want is not None and value is not None and not _is_instance(value, want):
+            raise ConfigError(f"{target}: param {name!r} must be {want[1]}, got {value!r}")
+
+
+# Annotations (as written, e.g. under `from __future__ import annotations`) checked before building.
+_PRIMITIVES = {"int": (int, "an integer"), "<class 'int'>": (int, "an integer"),
+               "float": (float, "a number"), "<class 'float'>": (float, "a number"),
+               "bool": (bool, "true or false"), "<class 'bool'>": (bool, "true or false"),
+               "str": (str, "text"), "<class 'str'>": (str, "text")}
+
+
+def _is_instance(value: Any, want: tuple) -> bool:
+    kind = want[0]
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def check_config_targets(config: Any) -> None:

@@ -12,6 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: runs main.py / a script in a subprocess, or trains (make test-fast skips these)")
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """The official key/shape manifests, kept in the repository (tests/reference)."""

@@ -109,3 +109,113 @@ def test_noise_seeds_outside_32_bits_are_refused():
     for seed in (2**32, -1):
         with pytest.raises(ValueError, match="outside"):
             NoiseSource([seed])
+
+
+@pytest.mark.parametrize("content,words", [
+    (b'{"file_name": "a.png", "text": {"nested": 1}}\n', "row 1: 'text' is a dict, not text"),
+    (b'{"file_name": "a.png", "text": "ok"}\n{broken\n', "line 2 is not valid JSON"),
+    (b'["a.png", "text"]\n', "row 1 is a list"),
+    (b'{"file_name": "a.png", "text": "caf\xe9"}\n', "not UTF-8"),
+])
+def test_caption_metadata_errors_name_the_file_and_row(tmp_path, content, words):
+    from ldm.data.image_folder import ImageFolderDataset
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        ImageFolderDataset(tmp_path, size=8)
+    assert "metadata.jsonl" in str(err.value) and words in str(err.value), err.value
+
+
+# ---- checkpoint and LoRA values -------------------------------------------------------------------
+def _tiny_state():
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda v: v.fill_(float("nan")), "NaN/inf"),
+    (lambda v: v.__setitem__((0,) * v.dim(), float("inf")), "1 NaN/inf value(s)"),
+])
+def test_non_finite_weights_are_named_and_refused(tmp_path, damage, words):
+    from ldm.api import load_model
+    from ldm.checkpoint import CheckpointError, save_state_dict
+
+    _, state = _tiny_state()
+    key = "model.diffusion_model.out.2.weight"
+    damage(state[key])
+    save_state_dict(state, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        load_model(TINY, tmp_path / "bad.safetensors")
+    assert key in str(err.value) and words in str(err.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_non_float_tensors_are_refused(tmp_path, dtype):
+    from ldm.api import load_model
+    from ldm.checkpoint import CheckpointError, save_state_dict
+
+    _, state = _tiny_state()
+    key = "first_stage_model.decoder.conv_out.bias"
+    state[key] = torch.ones_like(state[key]).to(dtype)
+    path = tmp_path / "bad.ckpt"
+    save_state_dict(state, path)
+    with pytest.raises(CheckpointError, match=f"tensor '{key}' is {str(dtype).replace('torch.', '')}"):
+        load_model(TINY, path)
+
+
+def test_flipped_byte_inside_a_ckpt_is_caught_by_crc(tmp_path):
+    import zipfile
+
+    from ldm.checkpoint import CheckpointError, read_state_dict
+
+    path = tmp_path / "w.ckpt"
+    torch.save({"state_dict": {"w": torch.randn(1000)}}, path)
+    info = [i for i in zipfile.ZipFile(path).infolist() if i.filename.endswith("data/0")][0]
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="fails its CRC check"):
+        read_state_dict(path)
+
+
+def test_bad_lora_files_leave_the_model_unchanged(tmp_path):
+    from safetensors.torch import save_file
+
+    from ldm.lora import add_lora, load_lora, lora_state_dict, save_lora
+
+    model, _ = _tiny_state()
+    add_lora(model, rank=2, alpha=2.0)
+    good = tmp_path / "good.safetensors"
+    save_lora(model, good)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = lora_state_dict(model)
+    cases = {}
+    nan = dict(state)
+    first = next(k for k in nan if k.endswith("lora_up.weight"))
+    nan[first] = torch.full_like(nan[first], float("nan"))
+    cases["nan.safetensors"] = (nan, "NaN/inf")
+    alpha = dict(state)
+    alpha[next(k for k in alpha if k.endswith(".alpha"))] = torch.tensor(float("nan"))
+    cases["alpha.safetensors"] = (alpha, "NaN/inf")
+    for name, (tensors, words) in cases.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / name))
+        with pytest.raises(ValueError, match=words):
+            load_lora(model, tmp_path / name)
+    (tmp_path / "corrupt.safetensors").write_bytes(good.read_bytes()[:200])
+    with pytest.raises(ValueError, match="load_lora: .*not a valid safetensors file"):
+        load_lora(model, tmp_path / "corrupt.safetensors")
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        load_lora(model, good, scale=float("nan"))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_latent_cache_refuses_models_whose_conditioner_reads_more_than_text(tmp_path):
+    from ldm.data.digits import DigitsDataset
+    from ldm.data.latent_cache import build_cache
+
+    model = build_model(ROOT / "configs/tiny/tiny-sd1-inpainting.yaml")
+    with pytest.raises(ValueError, match="conditioner reads txt, mask, masked_image"):
+        build_cache(model, DigitsDataset(split="train", size=16), tmp_path / "cache")

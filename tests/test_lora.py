@@ -328,3 +328,40 @@ def test_unet_layout_follows_the_unets_own_structure(tmp_path):
         set_lora_scale(holder, 0.0)
         assert (ours - unet(x, t, ctx)).abs().max() > 0.05
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_export_writes_the_merged_ema_model_and_leaves_the_live_model_alone(model, tmp_path):
+    import os
+
+    from omegaconf import OmegaConf
+
+    from ldm.callbacks import export_for_sampling
+    from ldm.modules.ema import LitEma
+
+    add_lora(model, rank=4, text_encoder=True)
+    randomize_lora_(model, seed=3)
+    model.use_ema = True
+    model.model_ema = LitEma(model.model)  # EMA of the UNet adapters, as ldm.trainer.build_model sets up
+    randomize_lora_(model, seed=4)  # the live adapters differ from their EMA
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # What the export was before it stopped mutating the model: EMA in, save the adapters, merge in place.
+    reference = copy.deepcopy(model)
+    reference.model_ema.copy_to(reference.model)
+    expected_lora = lora_state_dict(reference)
+    merge_lora(reference)
+    expected = {k: v for k, v in reference.state_dict().items() if not k.startswith("model_ema.")}
+    old_mask = os.umask(0o022)
+    try:
+        path = export_for_sampling(model, OmegaConf.load(CONFIG).model, tmp_path / "export")
+    finally:
+        os.umask(old_mask)
+    exported, exported_lora = load_file(path), load_file(tmp_path / "export" / "lora.safetensors")
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[k], v) for k, v in expected.items())
+    assert exported_lora.keys() == expected_lora.keys()
+    assert all(torch.equal(exported_lora[k], v) for k, v in expected_lora.items())
+    assert all(not torch.equal(exported[k], before[k]) for k in exported if k.endswith("attn1.to_q.weight"))
+    # The live model: adapters still injected and unmerged, every tensor as before the export.
+    assert lora_modules(model) and model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for name in ("model.safetensors", "lora.safetensors", "config.yaml"):
+        assert (tmp_path / "export" / name).stat().st_mode & 0o777 == 0o644, name

@@ -15,10 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def main_py(tmp: Path, *overrides: str, run: str = "run", check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    args = [sys.executable, str(ROOT / "main.py"), "experiment=tiny", f"hydra.run.dir={tmp / run}", "loggers=[csv]",
+def main_py(tmp: Path, *overrides: str, run: str = "run", check: bool = True, env: dict | None = None,
+            debug: dict | None = None) -> subprocess.CompletedProcess:
+    """Run main.py on the tiny experiment; ``debug`` (kill_at_step, sigterm_at_step, dump_checksums) runs it
+    through tests/run_main.py with those fault-injection hooks (tests/debug_hooks.py)."""
+    script = ROOT / ("tests/run_main.py" if debug else "main.py")
+    hooks = {f"LDM_TEST_{k.upper()}": str(int(v)) for k, v in (debug or {}).items()}
+    args = [sys.executable, str(script), "experiment=tiny", f"hydra.run.dir={tmp / run}", "loggers=[csv]",
             "progress_refresh=0", *overrides]
-    res = subprocess.run(args, capture_output=True, text=True, env={**ENV, **(env or {})}, cwd=tmp)
+    res = subprocess.run(args, capture_output=True, text=True, env={**ENV, **hooks, **(env or {})}, cwd=tmp)
     if check and res.returncode != 0:
         raise AssertionError(f"main.py failed ({res.returncode}):\n{res.stderr[-3000:]}")
     return res
@@ -75,10 +80,14 @@ def test_main_trains_checkpoints_and_exports_for_sampling(tmp_path):
 def test_exact_resume_after_a_crash(tmp_path):
     common = ["trainer.max_steps=8", "checkpoint.every_n_train_steps=4", "export.enabled=false", "data.validation=null"]
     main_py(tmp_path, *common, run="straight")
-    crashed = main_py(tmp_path, *common, "debug.kill_at_step=4", run="crashed", check=False)
-    assert crashed.returncode != 0  # SIGKILLed after the step-4 checkpoint
+    crashed = main_py(tmp_path, *common, run="crashed", check=False, debug={"kill_at_step": 4})
+    assert crashed.returncode == -9, crashed.stderr[-2000:]  # SIGKILLed after the step-4 checkpoint
+    assert (tmp_path / "crashed" / "checkpoints" / "step-000004.ckpt").exists()
     assert not (tmp_path / "crashed" / "checkpoints" / "step-000008.ckpt").exists()
+    stale = tmp_path / "crashed" / "checkpoints" / f".last.ckpt.tmp-{2 ** 30}-0123abcd"  # a kill -9 mid-write
+    stale.write_bytes(b"torn")
     main_py(tmp_path, *common, f"resume={tmp_path / 'crashed'}", run="ignored")
+    assert not stale.exists()  # the resumed run cleans its checkpoints folder
     a = torch.load(tmp_path / "straight/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     b = torch.load(tmp_path / "crashed/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert a["global_step"] == b["global_step"] == 8
@@ -91,7 +100,7 @@ def test_exact_resume_after_a_crash(tmp_path):
 def test_sigterm_saves_stops_and_resumes_exactly(tmp_path):
     common = ["trainer.max_steps=8", "checkpoint.every_n_train_steps=100", "export.enabled=false", "data.validation=null"]
     main_py(tmp_path, *common, run="straight")
-    stopped = main_py(tmp_path, *common, "debug.sigterm_at_step=3", run="stopped", check=False)
+    stopped = main_py(tmp_path, *common, run="stopped", check=False, debug={"sigterm_at_step": 3})
     assert stopped.returncode == 0, stopped.stderr[-2000:]  # a clean exit, not a crash
     assert "SIGTERM: saved" in stopped.stdout
     saved = torch.load(tmp_path / "stopped/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
@@ -106,7 +115,7 @@ def test_sigterm_saves_stops_and_resumes_exactly(tmp_path):
 
 def test_two_process_ddp_on_cpu_agrees(tmp_path):
     main_py(tmp_path, "trainer.max_steps=3", "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-            "debug.dump_checksums=true", "export.enabled=false", "data.validation=null",
+            "export.enabled=false", "data.validation=null", debug={"dump_checksums": True},
             env={"OMP_NUM_THREADS": "1"})  # two processes on two cores: one thread each
     r0 = json.loads((tmp_path / "run" / "checksums-rank0.json").read_text())
     r1 = json.loads((tmp_path / "run" / "checksums-rank1.json").read_text())
@@ -189,8 +198,6 @@ def test_lora_training_under_mixed_precision(tmp_path, precision):
     lora_keys = [k for k in ckpt if ".lora_" in k]
     assert lora_keys and all(ckpt[k].dtype == torch.float32 for k in lora_keys)
     assert any("cond_stage_model" in k for k in lora_keys)
-    import lightning.pytorch as pl
-
     from safetensors.torch import load_file
 
     fresh = instantiate_from_config(OmegaConf.load(ROOT / "configs/experiment/tiny.yaml").model)

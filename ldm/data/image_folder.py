@@ -50,25 +50,45 @@ def preprocess_image(
 
 
 def _read_metadata(root: Path, caption_key: str) -> dict[str, str] | None:
-    """Captions keyed by root-relative posix path from metadata.jsonl / metadata.csv, if present."""
+    """Captions keyed by root-relative posix path from metadata.jsonl / metadata.csv, if present.
+
+    Every problem names the file and the row: bad encoding, invalid JSON, a row that is not an
+    object, a missing ``file_name``, a caption that is not text."""
     jsonl, table = root / "metadata.jsonl", root / "metadata.csv"
-    rows: list[dict[str, Any]]
-    if jsonl.is_file():
-        with jsonl.open(encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        source = jsonl
-    elif table.is_file():
-        with table.open(encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
-        source = table
-    else:
-        return None
+    rows: list[Any]
+    try:
+        if jsonl.is_file():
+            source = jsonl
+            rows = []
+            with jsonl.open(encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except ValueError as err:
+                            raise ValueError(f"{source}: line {n} is not valid JSON ({err.msg})") from None
+        elif table.is_file():
+            source = table
+            with table.open(encoding="utf-8", newline="") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            return None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{source}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except csv.Error as err:
+        raise ValueError(f"{source}: not a valid CSV file ({err})") from None
     captions: dict[str, str] = {}
     for n, row in enumerate(rows, 1):
-        if "file_name" not in row:
-            raise ValueError(f"{source}: row {n} has no 'file_name' column (keys: {sorted(row)})")
-        if row.get(caption_key) is not None:
-            captions[Path(row["file_name"]).as_posix()] = str(row[caption_key])
+        if not isinstance(row, dict):
+            raise ValueError(f"{source}: row {n} is a {type(row).__name__}, not an object with file_name and {caption_key!r}")
+        if not isinstance(row.get("file_name"), str):
+            raise ValueError(f"{source}: row {n} has no 'file_name' text (keys: {sorted(map(str, row))})")
+        caption = row.get(caption_key)
+        if caption is None:
+            continue
+        if not isinstance(caption, str):
+            raise ValueError(f"{source}: row {n}: {caption_key!r} is a {type(caption).__name__}, not text")
+        captions[Path(row["file_name"]).as_posix()] = caption
     return captions
 
 
@@ -125,7 +145,10 @@ class ImageFolderDataset(Dataset):
             return metadata.get(path.relative_to(self.root).as_posix())
         sidecar = path.with_suffix(".txt")
         if sidecar.is_file():
-            return sidecar.read_text(encoding="utf-8").strip()
+            try:
+                return sidecar.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{sidecar}: caption is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
         return None
 
     def __len__(self) -> int:

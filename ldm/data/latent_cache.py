@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
-from ldm.files import atomic_write
+from ldm.files import atomic_output, atomic_write
 from ldm.util import images_to_bchw
 
 CACHE_FILE = "latents.safetensors"
@@ -54,19 +54,27 @@ def module_fingerprint(module: Optional[torch.nn.Module]) -> str:
     return h.hexdigest()
 
 
+def _text_embedders(model: torch.nn.Module) -> list:
+    """The conditioner's embedders, if each of them encodes text (else caching does not apply)."""
+    embedders = list(model.conditioner.embedders)
+    return embedders if all(e.text_encoder() is not None for e in embedders) else []
+
+
 def can_cache_context(model: torch.nn.Module, text_encoder_trains: bool = False) -> bool:
-    """The caption context is cacheable when the cond stage is a frozen text encoder."""
-    return (getattr(model.model, "conditioning_key", None) == "crossattn" and model.cond_stage_model is not None
-            and not model.cond_stage_trainable and not text_encoder_trains)
+    """The caption context is cacheable when the conditioner is one frozen text encoder."""
+    embedders = _text_embedders(model)
+    return len(embedders) == 1 and not embedders[0].is_trainable and not text_encoder_trains
 
 
 @torch.no_grad()
 def build_cache(model: torch.nn.Module, dataset: Dataset, cache_dir: str | Path, *, dataset_id: str = "",
                 batch_size: int = 16, flip: bool = False, with_context: bool = True) -> Path:
     """Encode ``dataset`` once into ``cache_dir``; returns the directory. Reuses a matching cache."""
-    if type(model).__name__ != "LatentDiffusion":
-        raise ValueError(f"latent caching needs a text- or unconditional LatentDiffusion model, not {type(model).__name__}; "
-                         f"turn data.cache off")
+    conditioner = getattr(model, "conditioner", None)
+    if conditioner is None or (len(conditioner.embedders) and not _text_embedders(model)):
+        reads = ", ".join(conditioner.input_keys) if conditioner is not None else "no conditioner"
+        raise ValueError(f"latent caching needs a text- or unconditional latent diffusion model; this one's "
+                         f"conditioner reads {reads}: turn data.cache off")
     cache_dir = Path(cache_dir)
     with_context = with_context and can_cache_context(model)
     fingerprint = _fingerprint(model, dataset, dataset_id, flip, with_context)
@@ -80,12 +88,8 @@ def build_cache(model: torch.nn.Module, dataset: Dataset, cache_dir: str | Path,
     info["fingerprint"] = fingerprint
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / INFO_FILE).unlink(missing_ok=True)  # an old description must not vouch for new tensors
-    tmp = cache_dir / f".{CACHE_FILE}.{os.getpid()}.tmp"
-    try:
+    with atomic_output(cache_dir / CACHE_FILE) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(cache_dir / CACHE_FILE)
-    finally:
-        tmp.unlink(missing_ok=True)
     atomic_write(cache_dir / INFO_FILE, json.dumps(info))  # written last: it marks the cache complete
     return cache_dir
 
@@ -93,10 +97,11 @@ def build_cache(model: torch.nn.Module, dataset: Dataset, cache_dir: str | Path,
 def _encode(model, dataset, batch_size: int, flip: bool, with_context: bool) -> tuple[dict, dict]:
     from ldm.data.datamodule import collate
 
-    image_key, caption_key = model.first_stage_key, model.cond_stage_key
+    text = _text_embedders(model)
+    image_key, caption_key = model.first_stage_key, (text[0].input_key if text else model.cond_stage_key)
     device = next(model.first_stage_model.parameters()).device
     moments, flipped, contexts, captions = [], [], [], []
-    conditional = model.model.conditioning_key is not None and model.cond_stage_model is not None
+    conditional = bool(text)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=0)
     for batch in loader:
         x = images_to_bchw(batch[image_key]).to(device)
@@ -112,7 +117,8 @@ def _encode(model, dataset, batch_size: int, flip: bool, with_context: bool) -> 
                                  f"{type(batch[caption_key]).__name__}, not captions: turn data.cache off")
             captions += list(batch[caption_key])
         if with_context:
-            contexts.append(model.get_learned_conditioning(captions[-len(batch[caption_key]):]).float().cpu())
+            batch_captions = captions[-len(batch[caption_key]):]
+            contexts.append(model.conditioner({caption_key: batch_captions})["crossattn"].float().cpu())
     tensors = {"moments": torch.cat(moments)}
     if flip:
         tensors["moments_flipped"] = torch.cat(flipped)
