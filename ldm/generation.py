@@ -37,8 +37,8 @@ def prepare_for_inference(model: torch.nn.Module, precision: str = "fp32", compi
     dtype = LOW_PRECISION.get(precision)
     if dtype is not None:
         model.model.to(dtype)
-        if getattr(model, "cond_stage_model", None) is not None:
-            model.cond_stage_model.to(dtype)
+        for encoder in model.conditioner.text_encoders() if hasattr(model, "conditioner") else []:
+            encoder.to(dtype)
         if precision == "bf16":
             model.first_stage_model.to(dtype)
     if compile:
@@ -122,6 +122,46 @@ def encode_prompts(model: torch.nn.Module, prompts: Sequence[str], negative: Seq
     return both[: len(prompts)], both[len(prompts):]
 
 
+def has_vector_conditioning(model: torch.nn.Module) -> bool:
+    """Models whose conditioner is their own part (SDXL's DiffusionEngine): batches of prompts + micro-conditioning."""
+    return "conditioner" in dict(model.named_children())
+
+
+@torch.no_grad()
+def encode_sdxl(model: torch.nn.Module, prompts: Sequence[str], negative: Sequence[str], options: SamplingSettings,
+                height: int, width: int) -> tuple[dict, dict]:
+    """SDXL conditioning dicts (crossattn + vector) of the prompts and of the negative side, as diffusers builds
+    them: a prompt per text encoder, size/crop/aesthetic micro-conditioning, and (base models) zeros for an empty
+    negative prompt."""
+    n = len(prompts)
+    device = next(model.model.parameters()).device
+    size = [height, width]
+    original, target = list(options.original_size or size), list(options.target_size or size)
+    crop = list(options.crops_coords_top_left)
+
+    def batch(text: Sequence[str], text_2: Sequence[str], orig: list, crop_: list, targ: list, score: float) -> dict:
+        def rows(values: list) -> torch.Tensor:
+            return torch.tensor([values] * n, dtype=torch.float32, device=device)
+        return {"txt": list(text), "txt_2": list(text_2), "original_size_as_tuple": rows(orig),
+                "crop_coords_top_left": rows(crop_), "target_size_as_tuple": rows(targ), "aesthetic_score": rows([score])}
+
+    prompts_2 = [options.prompt_2] * n if options.prompt_2 is not None else list(prompts)
+    negative_2 = [options.negative_prompt_2] * n if options.negative_prompt_2 is not None else list(negative)
+    cond_batch = batch(prompts, prompts_2, original, crop, target, options.aesthetic_score)
+    if options.negative_original_size is not None and options.negative_target_size is not None:
+        # diffusers' rule: the negative side gets its own sizes only when both are given (its crop then defaults to 0, 0)
+        uncond_args = (list(options.negative_original_size), list(options.negative_crops_coords_top_left or [0, 0]),
+                       list(options.negative_target_size), options.negative_aesthetic_score)
+    else:
+        uncond_args = (original, crop, target, options.negative_aesthetic_score)
+    if getattr(model, "force_zeros_for_empty_prompt", False) and not any(negative) and not any(negative_2):
+        return model.conditioner(cond_batch), model.conditioner(batch(prompts, prompts_2, *uncond_args), zero_keys=["txt"])
+    both = {k: (v + uncond[k] if isinstance(v, list) else torch.cat([v, uncond[k]]))
+            for uncond in [batch(negative, negative_2, *uncond_args)] for k, v in cond_batch.items()}
+    out = model.conditioner(both)  # one call: prompt and negative get the same number of token windows
+    return {k: v[:n] for k, v in out.items()}, {k: v[n:] for k, v in out.items()}
+
+
 @torch.no_grad()
 def encode_image(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
     """Latent of images in [-1, 1] (posterior mean: deterministic, so runs are reproducible)."""
@@ -171,7 +211,7 @@ def generate(
     kwargs = dict(sampler=options.sampler, steps=options.steps, guidance_scale=options.guidance_scale,
                   guidance_rescale=options.guidance_rescale, eta=options.eta, discretization=options.discretization,
                   height=options.height, width=options.width, strength=options.strength, precision=options.precision,
-                  callback=callback, progress=progress)
+                  callback=callback, progress=progress, options=options)
     if not options.batch_invariant or len(prompts) == 1:
         return _generate_batch(model, prompts, negative, list(seeds), init_image, mask, **kwargs)
     images = []
@@ -183,14 +223,17 @@ def generate(
 
 def _generate_batch(model, prompts: list[str], negative: list[str], seeds: list[int], init_image, mask, *, sampler, steps,
                     guidance_scale, guidance_rescale, eta, discretization, height, width, strength, precision, callback,
-                    progress) -> torch.Tensor:
+                    progress, options: SamplingSettings) -> torch.Tensor:
     weights = next(model.model.parameters())
     device = weights.device
     f = latent_factor(model)
     shape = (model.channels, height // f, width // f)
 
     with precision_context(precision, device, weights.dtype):
-        cond, uncond = encode_prompts(model, prompts, negative)
+        if has_vector_conditioning(model):
+            cond, uncond = encode_sdxl(model, prompts, negative, options, height, width)
+        else:
+            cond, uncond = encode_prompts(model, prompts, negative)
         init_latent = keep = None
         if init_image is not None:
             init_image = _fit(init_image, len(prompts), height, width, "init image").to(device)

@@ -172,6 +172,11 @@ def _typed(d: declaration.Declared, value: str, name: str) -> str:
         return "null"
     if d.kind is str:
         return hydra_quote(str(d.spec.value_aliases.get(value, value)))
+    if d.kind is list:  # a (height, width) / (top, left) pair: "1024,768", "1024x768" or "[1024, 768]"
+        parts = [v for v in re.split(r"[,x\s]+", value.strip().strip("[]()")) if v]
+        if len(parts) != 2 or not all(v.isdigit() for v in parts):
+            raise ValueError(f"{name} expects two non-negative integers like 1024,1024, got {value!r}")
+        return f"[{int(parts[0])},{int(parts[1])}]"
     if d.kind is bool:
         lowered = value.strip().lower()
         if lowered in ("true", "1", "yes", "on"):

@@ -61,6 +61,12 @@ def image_side(value: int) -> Optional[str]:
     return f"must be a positive multiple of 8, got {value} (try {max(8, round(value / 8) * 8)})"
 
 
+def pair(value: list) -> Optional[str]:
+    if len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        return None
+    return f"must be two non-negative integers (height, width / top, left), got {value!r}"
+
+
 def _sampler_names() -> list[str]:
     from ldm.models.diffusion.sampling import sampler_names
 
@@ -106,6 +112,23 @@ class SamplingSettings:
                                    task_defaults={"img2img": None, "inpaint": None})
     strength: float = setting(0.75, "img2img: how much to change the image (0 = keep, 1 = ignore it)",
                               check=between(0, 1), tasks=("img2img",), model_default=True)
+    # SDXL: a prompt per text encoder and micro-conditioning (diffusers' defaults); other models ignore them.
+    prompt_2: Optional[str] = setting(None, "SDXL: the prompt for the second text encoder (OpenCLIP); null = prompt")
+    negative_prompt_2: Optional[str] = setting(None, "SDXL: negative prompt for the second text encoder; "
+                                               "null = negative_prompt")
+    original_size: Optional[list[int]] = setting(None, "SDXL: (height, width) the image claims to come from; "
+                                                 "null = the output size", check=pair)
+    target_size: Optional[list[int]] = setting(None, "SDXL: (height, width) conditioning; null = the output size",
+                                               check=pair)
+    crops_coords_top_left: list[int] = setting((0, 0), "SDXL: (top, left) crop conditioning", check=pair)
+    negative_original_size: Optional[list[int]] = setting(None, "SDXL: original_size of the negative side (used, as "
+                                                          "in diffusers, only with negative_target_size)", check=pair)
+    negative_target_size: Optional[list[int]] = setting(None, "SDXL: target_size of the negative side (used only "
+                                                        "with negative_original_size)", check=pair)
+    negative_crops_coords_top_left: Optional[list[int]] = setting(None, "SDXL: crop of the negative side when it has "
+                                                                  "its own sizes; null = (0, 0)", check=pair)
+    aesthetic_score: float = setting(6.0, "SDXL refiner: aesthetic score conditioning", check=finite)
+    negative_aesthetic_score: float = setting(2.5, "SDXL refiner: aesthetic score of the negative side", check=finite)
     precision: str = setting("fp32", "fp32 | bf16 | fp16 (weights in that dtype) | autocast (CompVis: full)",
                              choices=_precisions, value_aliases={"full": "fp32"})
     batch_invariant: bool = setting(True, "compute each image on its own: bit-identical whatever else is in the batch")
@@ -168,6 +191,7 @@ def declared(task: Optional[str] = None) -> list[Declared]:
         if typing.get_origin(kind) is typing.Union:
             args = [a for a in typing.get_args(kind) if a is not type(None)]
             kind, nullable = args[0], len(args) < len(typing.get_args(kind))
+        kind = typing.get_origin(kind) or kind  # list[int] -> list
         default = spec.task_defaults.get(task, f.default) if task else f.default
         out.append(Declared(f.name, kind, nullable, default, spec, f.name in sampling_names))
     return out
@@ -201,10 +225,11 @@ def type_problem(d: Declared, value: Any) -> Optional[str]:
         return None if d.nullable else "must be set (it is null)"
     ok = {str: isinstance(value, str), bool: isinstance(value, bool),
           int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool)}.get(d.kind, True)
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          list: isinstance(value, (list, tuple))}.get(d.kind, True)
     if ok:
         return None
-    want = {str: "text", bool: "true or false", int: "an integer", float: "a number"}[d.kind]
+    want = {str: "text", bool: "true or false", int: "an integer", float: "a number", list: "a list"}[d.kind]
     return f"must be {want}, got {value!r}"
 
 
@@ -268,8 +293,12 @@ def register_configs() -> None:
 
     store = ConfigStore.instance()
     for task in TASKS:
-        fields_ = [(d.name, Optional[d.kind] if d.nullable else d.kind, field(default=d.default))
-                   for d in declared(task)]
+        fields_ = []
+        for d in declared(task):
+            kind = typing.List[int] if d.kind is list else d.kind
+            default = field(default_factory=lambda v=d.default: list(v)) if isinstance(d.default, (list, tuple)) \
+                else field(default=d.default)
+            fields_.append((d.name, Optional[kind] if d.nullable else kind, default))
         store.store(name=f"{task}_settings", node=dataclasses.make_dataclass(f"{task.title()}Settings", fields_))
 
 

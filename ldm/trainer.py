@@ -11,7 +11,6 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,7 +20,7 @@ from ldm.checkpoint import (CheckpointError, check_state_dict, load_into_model, 
 from ldm.data.datamodule import DataModuleFromConfig
 from ldm.evaluation import check_evaluation_setup, evaluate_after_fit
 from ldm.files import atomic_write, remove_stale_temporaries
-from ldm.training_state import AtomicCheckpointIO, ExactResume
+from ldm.training_state import AtomicCheckpointIO, ExactResume, ResumableCSVLogger
 from ldm.util import ConfigError, instantiate_from_config
 
 
@@ -70,9 +69,10 @@ def build_model(cfg: DictConfig) -> pl.LightningModule:
     return model
 
 
-def check_resume_compatible(model: torch.nn.Module, ckpt: Path, experiment: str) -> None:
-    """A clear error when resuming from a checkpoint of another architecture."""
-    state = read_training_checkpoint(ckpt, map_location="meta")["state_dict"]
+def check_resume_compatible(model: torch.nn.Module, ckpt: Path, experiment: str) -> int:
+    """A clear error when resuming from a checkpoint of another architecture; returns its global step."""
+    saved = read_training_checkpoint(ckpt, map_location="meta")
+    state = saved["state_dict"]
     try:
         check_state_dict(model, state, strict=True)
     except CheckpointError as err:
@@ -80,6 +80,7 @@ def check_resume_compatible(model: torch.nn.Module, ckpt: Path, experiment: str)
         raise CheckpointError("\n".join([f"resume: {ckpt} was trained with another architecture than experiment "
                                          f"'{experiment}' ({first.split('(', 1)[-1].split(')')[0]}); resume with the "
                                          "experiment and overrides the run used", *rest])) from None
+    return int(saved.get("global_step", 0))
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
@@ -106,11 +107,12 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
     return callbacks
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: Optional[int] = None) -> list:
+    """CSV (kept across resumes: rows before ``resume_step`` stay) and/or TensorBoard loggers."""
     loggers: list = []
     for name in cfg.get("loggers", ["csv"]):
         if name == "csv":
-            loggers.append(CSVLogger(run_dir, name="", version=""))
+            loggers.append(ResumableCSVLogger(run_dir, resume_step=resume_step))
         elif name == "tensorboard":
             try:
                 from lightning.pytorch.loggers import TensorBoardLogger
@@ -151,8 +153,7 @@ def _train(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callback]) -
             for path in remove_stale_temporaries(folder, keep_live=False):
                 print(f"removed {path}, left by an interrupted write")
     model = build_model(cfg)
-    if ckpt is not None:
-        check_resume_compatible(model, ckpt, str(cfg.get("name", "?")))
+    resume_step = check_resume_compatible(model, ckpt, str(cfg.get("name", "?"))) if ckpt is not None else None
     data_kwargs = OmegaConf.to_container(cfg.data, resolve=True)
     cache = data_kwargs.pop("cache", None) or {}
     data = DataModuleFromConfig(**data_kwargs)
@@ -162,7 +163,7 @@ def _train(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callback]) -
     for factory in CALLBACK_FACTORIES:
         callbacks.extend(factory(cfg, run_dir))
     trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), default_root_dir=str(run_dir),
-                         callbacks=callbacks, logger=build_loggers(cfg, run_dir), plugins=[AtomicCheckpointIO()])
+                         callbacks=callbacks, logger=build_loggers(cfg, run_dir, resume_step), plugins=[AtomicCheckpointIO()])
     if cache.get("enabled"):
         use_latent_cache(cfg, model, data, cache, run_dir, device=_root_device(trainer))
     _save_config(cfg, run_dir)

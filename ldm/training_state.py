@@ -7,6 +7,8 @@ and random draws as an uninterrupted one.
 """
 from __future__ import annotations
 
+import csv
+import io
 import os
 import random
 import signal
@@ -16,9 +18,12 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from ldm.files import atomic_output
+from ldm.files import atomic_output, atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -80,6 +85,8 @@ class ExactResume(pl.Callback):
         return {}
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        for logger in trainer.loggers:  # the metrics up to this checkpoint survive a crash right after it
+            logger.save()
         epoch, consumed = self._consumed(trainer)
         checkpoint["ldm_resume"] = {"rng": _rng_state(), "epoch": epoch, "consumed": consumed}
 
@@ -117,3 +124,62 @@ class ExactResume(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+class _KeepingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued, not deleted.
+
+    Rows from ``resume_step`` on (logged after the checkpoint a run resumes from, so logged again)
+    and rows torn by a crash are dropped once, atomically; new rows are appended."""
+
+    def __init__(self, log_dir: str, resume_step: Optional[int]) -> None:
+        self._resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if self._resume_step is None or not path.is_file():
+            super()._check_log_dir_exists()  # a new run: Lightning's behaviour (an old file is replaced)
+            return
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = [r for r in reader if None not in r and None not in r.values() and _step(r) is not None]
+        kept = [r for r in rows if _step(r) < self._resume_step]
+        self.metrics_keys = sorted(header)
+        self._write(kept)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with open(self.metrics_file_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        self._write(rows, fieldnames)
+
+    def _write(self, rows: list[dict], fieldnames: Optional[list[str]] = None) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=fieldnames or self.metrics_keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.metrics_file_path, buffer.getvalue())  # never a half-rewritten log
+
+
+def _step(row: dict) -> Optional[int]:
+    try:
+        return int(float(row.get("step", "")))
+    except ValueError:
+        return None
+
+
+class ResumableCSVLogger(CSVLogger):
+    """``metrics.csv`` in the run folder, continued across resumes (see :class:`_KeepingWriter`)."""
+
+    def __init__(self, save_dir: str | os.PathLike, resume_step: Optional[int] = None) -> None:
+        super().__init__(save_dir, name="", version="")
+        self._resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingWriter(self.log_dir, self._resume_step)
+        return self._experiment

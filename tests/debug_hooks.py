@@ -3,7 +3,8 @@
 Switched on by environment variables, which DDP's re-launched ranks inherit:
 ``LDM_TEST_KILL_AT_STEP`` (SIGKILL before that step, like a crash), ``LDM_TEST_SIGTERM_AT_STEP``
 (SIGTERM while the next step runs, like a pre-emption), ``LDM_TEST_DUMP_CHECKSUMS=1`` (per-rank
-weight sums in ``checksums-rank<N>.json``). :func:`register` adds them to ``ldm.trainer``.
+weight sums in ``checksums-rank<N>.json``), ``LDM_TEST_KILL_DURING_SAVE=N`` (SIGKILL halfway through
+writing the N-th checkpoint file). :func:`register` adds them to ``ldm.trainer``.
 """
 from __future__ import annotations
 
@@ -49,8 +50,32 @@ def hooks_from_env(cfg: Any, run_dir: Path) -> list[pl.Callback]:
     return [DebugHooks(run_dir, kill, dump, term)]
 
 
+def _kill_during_save(n: int) -> None:
+    """Make the n-th checkpoint write die halfway: a torn temporary file, then SIGKILL."""
+    import torch
+
+    from ldm.files import atomic_output
+    from ldm.training_state import AtomicCheckpointIO
+
+    original, count = AtomicCheckpointIO.save_checkpoint, [0]
+
+    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Optional[Any] = None) -> None:
+        count[0] += 1
+        if count[0] == n:
+            with atomic_output(Path(path)) as tmp:
+                torch.save(checkpoint, tmp)
+                with open(tmp, "r+b") as f:
+                    f.truncate(tmp.stat().st_size // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
+        original(self, checkpoint, path, storage_options)
+
+    AtomicCheckpointIO.save_checkpoint = save_checkpoint
+
+
 def register() -> None:
     from ldm import trainer
 
     if hooks_from_env not in trainer.CALLBACK_FACTORIES:
         trainer.CALLBACK_FACTORIES.append(hooks_from_env)
+    if _int_env("LDM_TEST_KILL_DURING_SAVE"):
+        _kill_during_save(_int_env("LDM_TEST_KILL_DURING_SAVE"))

@@ -12,6 +12,8 @@ def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     with torch.no_grad():
         for mod in module.modules():
             for name, p in mod.named_parameters(recurse=False):
+                if p.dim() == 0:  # scalars (e.g. CLIP's logit_scale) keep their value
+                    continue
                 if p.dim() == 1:
                     base = 1.0 if (isinstance(mod, norms) and name == "weight") else 0.0
                     p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))

@@ -219,3 +219,48 @@ def test_latent_cache_refuses_models_whose_conditioner_reads_more_than_text(tmp_
     model = build_model(ROOT / "configs/tiny/tiny-sd1-inpainting.yaml")
     with pytest.raises(ValueError, match="conditioner reads txt, mask, masked_image"):
         build_cache(model, DigitsDataset(split="train", size=16), tmp_path / "cache")
+
+
+# ---- main.py: user errors are one line ------------------------------------------------------------
+def _main_py(tmp_path: Path, *overrides: str):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), "experiment=tiny", f"hydra.run.dir={tmp_path / 'run'}",
+                           "progress_refresh=0", "trainer.max_steps=1", "export.enabled=false", *overrides],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})
+
+
+def _resume_dir(tmp_path: Path, content: bytes) -> Path:
+    ckpts = tmp_path / "old" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "last.ckpt").write_bytes(content)
+    return tmp_path / "old"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,words", [
+    ("channels", "param 'model_channels' must be an integer"),
+    ("batch", "batch_size"),
+    ("empty", "is empty"),
+    ("random", "last.ckpt"),
+    ("safetensors", "not a training checkpoint"),
+])
+def test_main_py_user_errors_are_one_line(tmp_path, case, words):
+    from safetensors.torch import save_file
+
+    if case == "channels":
+        args = ["model.params.unet_config.params.model_channels='32'"]
+    elif case == "batch":
+        args = ["data.batch_size=abc"]
+    elif case == "safetensors":
+        save_file({"w": torch.ones(2)}, str(tmp_path / "w.safetensors"))
+        args = [f"resume={_resume_dir(tmp_path, (tmp_path / 'w.safetensors').read_bytes())}"]
+    else:
+        args = [f"resume={_resume_dir(tmp_path, b'' if case == 'empty' else bytes(range(256)) * 40)}"]
+    res = _main_py(tmp_path, *args)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], res.stderr[-2000:]

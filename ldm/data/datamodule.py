@@ -91,8 +91,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"data.batch_size must be an integer >= 1, got {batch_size!r}")
         self.batch_size, self.wrap, self.drop_last, self.seed = batch_size, wrap, drop_last, seed
         self.num_workers = min(2, os.cpu_count() or 1) if num_workers is None else num_workers
         self.shuffle_test_loader, self.shuffle_val_dataloader = shuffle_test_loader, shuffle_val_dataloader

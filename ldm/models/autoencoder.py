@@ -169,3 +169,7 @@ class IdentityFirstStage(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         return x
+
+
+class AutoencoderKLInferenceWrapper(AutoencoderKL):
+    """The name ``sgm`` configs give the SDXL autoencoder at inference: the same model and keys."""

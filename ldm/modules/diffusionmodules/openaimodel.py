@@ -187,12 +187,12 @@ class UNetModel(nn.Module):
 
     def __init__(
         self,
-        image_size,
-        in_channels: int,
-        model_channels: int,
-        out_channels: int,
-        num_res_blocks: Union[int, Sequence[int]],
-        attention_resolutions: Sequence[int],
+        image_size=None,  # recorded only (sgm configs leave it out): any multiple-of-8 size runs
+        in_channels: int = 4,
+        model_channels: int = 320,
+        out_channels: int = 4,
+        num_res_blocks: Union[int, Sequence[int]] = 2,
+        attention_resolutions: Sequence[int] = (4, 2, 1),
         dropout: float = 0.0,
         channel_mult: Sequence[int] = (1, 2, 4, 8),
         conv_resample: bool = True,
@@ -218,8 +218,14 @@ class UNetModel(nn.Module):
         use_linear_in_transformer: bool = False,
         adm_in_channels: Optional[int] = None,
         transformer_depth_middle: Optional[int] = None,
+        spatial_transformer_attn_type: str = "softmax",
     ):
         super().__init__()
+        # sgm configs choose an attention kernel by name; every one of them is softmax attention, which
+        # runs here through torch's scaled_dot_product_attention (flash / memory-efficient on GPUs).
+        if spatial_transformer_attn_type not in ("softmax", "softmax-xformers"):
+            raise ValueError(f"spatial_transformer_attn_type {spatial_transformer_attn_type!r} unknown; "
+                             "use softmax or softmax-xformers")
         if use_spatial_transformer and context_dim is None:
             raise ValueError("use_spatial_transformer needs context_dim (the text embedding width)")
         if num_heads == -1 and num_head_channels == -1:

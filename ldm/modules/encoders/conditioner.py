@@ -5,7 +5,8 @@ dropped per sample for classifier-free guidance training (``ucg_rate``; with ``u
 *input* is replaced, e.g. a caption by "", as CompVis and SD 2 do; without it the *output* is
 zeroed, as sgm does). Outputs are combined by their rank: ``[B, D]`` -> ``vector`` (pooled text,
 size/crop embeddings), ``[B, T, D]`` -> ``crossattn``, ``[B, C, H, W]`` -> ``concat``, each
-concatenated along its feature axis in embedder order.
+concatenated along its feature axis in embedder order. When several embedders read the same key
+(SDXL's two text encoders read ``txt``), the second one takes ``txt_2`` if the batch has it.
 
 SD 1.x / 2.x are a conditioner with one text embedder (plus the mask/masked-image embedder for
 inpainting models) over the model's ``cond_stage_model``, whose checkpoint keys stay as they are.
@@ -88,24 +89,25 @@ class MaskedImageEmbedder(Embedder):
 class Conditioner(nn.Module):
     """A list of embedders whose outputs form the conditioning dict (see the module doc)."""
 
-    def __init__(self, embedders: Iterable[Embedder]) -> None:
+    def __init__(self, embedders: Iterable[nn.Module]) -> None:
         super().__init__()
         self.embedders = nn.ModuleList(embedders)
         for emb in self.embedders:
-            if not isinstance(emb, Embedder):
-                raise TypeError(f"{type(emb).__name__} is not an Embedder (it needs input_keys, is_trainable, ucg_rate)")
+            missing = [a for a in ("input_keys", "is_trainable", "ucg_rate", "ucg_value") if not hasattr(emb, a)]
+            if missing:
+                raise TypeError(f"{type(emb).__name__} is not an embedder: it lacks {', '.join(missing)}")
 
     @property
     def input_keys(self) -> list[str]:
         return [k for emb in self.embedders for k in emb.input_keys]
 
     def text_encoders(self) -> list[nn.Module]:
-        return [enc for emb in self.embedders if (enc := emb.text_encoder()) is not None]
+        return [enc for emb in self.embedders if (enc := text_encoder_of(emb)) is not None]
 
     def drop(self, batch: Mapping[str, Any], extra: Optional[Mapping[str, Mapping[str, Any]]] = None) -> dict:
         """Classifier-free guidance training: per sample, replace inputs by their null value with each
         embedder's ``ucg_rate`` (and ``extra``: CompVis ``ucg_training`` = {key: {p, val}})."""
-        specs = {emb.input_key: (emb.ucg_rate, emb.ucg_value) for emb in self.embedders
+        specs = {emb.input_keys[0]: (emb.ucg_rate, emb.ucg_value) for emb in self.embedders
                  if emb.ucg_rate > 0 and emb.ucg_value is not None}
         specs.update({key: (float(spec["p"]), spec["val"]) for key, spec in (extra or {}).items()})
         if not specs:
@@ -123,8 +125,13 @@ class Conditioner(nn.Module):
         ``force_zero_embeddings``)."""
         wanted, zeroed = (set(kinds) if kinds is not None else None), set(zero_keys)
         out: dict[str, torch.Tensor] = {}
+        readers: dict[str, int] = {}
         for emb in self.embedders:
-            missing = [k for k in emb.input_keys if k not in batch]
+            keys = []
+            for key in emb.input_keys:  # the n-th reader of a key takes "<key>_<n>" if the batch has it
+                readers[key] = readers.get(key, 0) + 1
+                keys.append(f"{key}_{readers[key]}" if readers[key] > 1 and f"{key}_{readers[key]}" in batch else key)
+            missing = [k for k in keys if k not in batch]
             if missing and wanted is not None:  # a partial batch for some outputs only
                 continue
             if missing:
@@ -132,11 +139,14 @@ class Conditioner(nn.Module):
                                f"{type(emb).__name__} reads it); batch keys: {sorted(batch)}")
             grad = nullcontext() if emb.is_trainable and torch.is_grad_enabled() else torch.no_grad()
             with grad:
-                values = emb(*(batch[k] for k in emb.input_keys))
+                values = emb(*(batch[k] for k in keys))
             for value in values if isinstance(values, (list, tuple)) else [values]:
                 kind = KIND_BY_RANK.get(value.dim())
                 if kind is None:
                     raise ValueError(f"{type(emb).__name__} returned a {value.dim()}-d tensor; expected 2, 3 or 4")
+                if kind == "crossattn" and kind in out and out[kind].shape[1] != value.shape[1]:
+                    raise ValueError(f"the text encoders give {out[kind].shape[1]} and {value.shape[1]} tokens: "
+                                     "prompt and prompt_2 must need the same number of 75-token windows")
                 if wanted is not None and kind not in wanted:
                     continue
                 if emb.ucg_rate > 0 and emb.ucg_value is None and self.training:
@@ -146,6 +156,44 @@ class Conditioner(nn.Module):
                     value = torch.zeros_like(value)
                 out[kind] = torch.cat([out[kind], value], CAT_DIM[kind]) if kind in out else value
         return out
+
+
+def text_encoder_of(embedder: nn.Module) -> Optional[nn.Module]:
+    """The text encoder an embedder is or holds (it tokenizes), or None."""
+    if hasattr(embedder, "text_encoder"):
+        return embedder.text_encoder()
+    return embedder if hasattr(embedder, "tokenizer") else None
+
+
+class GeneralConditioner(Conditioner):
+    """The conditioner as ``sgm`` configs declare it (``emb_models``: target/params plus ``input_key`` or
+    ``input_keys``, ``is_trainable``, ``ucg_rate``, ``legacy_ucg_value``); each built module *is* the
+    embedder, so checkpoint keys are ``conditioner.embedders.N.*`` as in the official files."""
+
+    def __init__(self, emb_models: Sequence[Mapping[str, Any]]) -> None:
+        from ldm.util import ConfigError, disabled_train, instantiate_from_config
+
+        embedders = []
+        for n, spec in enumerate(emb_models):
+            spec = dict(spec)
+            unknown = set(spec) - {"target", "params", "input_key", "input_keys", "is_trainable", "ucg_rate",
+                                   "legacy_ucg_value"}
+            if unknown:
+                raise ConfigError(f"GeneralConditioner: emb_models[{n}] has unknown key(s) {sorted(unknown)}")
+            if ("input_key" in spec) == ("input_keys" in spec):
+                raise ConfigError(f"GeneralConditioner: emb_models[{n}] needs exactly one of input_key / input_keys")
+            emb = instantiate_from_config(spec)
+            emb.input_keys = tuple(spec["input_keys"]) if "input_keys" in spec else (spec["input_key"],)
+            emb.is_trainable = bool(spec.get("is_trainable", False))
+            emb.ucg_rate = float(spec.get("ucg_rate", 0.0))
+            emb.ucg_value = spec.get("legacy_ucg_value")
+            if not emb.is_trainable:
+                emb.train = disabled_train.__get__(emb)
+                emb.eval()
+                for p in emb.parameters():
+                    p.requires_grad_(False)
+            embedders.append(emb)
+        super().__init__(embedders)
 
 
 def compvis_conditioning(cond: Mapping[str, torch.Tensor]) -> dict[str, Any]:

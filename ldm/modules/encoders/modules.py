@@ -113,11 +113,13 @@ class FrozenCLIPEmbedder(TextEncoder):
         layer: str = "last",
         layer_idx: int | None = None,
         text_config: dict[str, Any] | None = None,
+        always_return_pooled: bool = False,
     ) -> None:
         super().__init__()
         del device  # kept for config compatibility; inputs follow the parameters' device instead
         if layer not in self.LAYERS:
             raise ValueError(f"FrozenCLIPEmbedder: layer must be one of {self.LAYERS}, got {layer!r}")
+        self.return_pooled = always_return_pooled
         if version not in KNOWN_CLIP_TEXT_CONFIGS and text_config is None:
             raise ValueError(
                 f"FrozenCLIPEmbedder: unknown version {version!r}; known: {sorted(KNOWN_CLIP_TEXT_CONFIGS)}, "
@@ -165,7 +167,10 @@ class FrozenCLIPEmbedder(TextEncoder):
         """
         if self.layer == "pooled":
             return self.encode_tokens(self.tokenize(text))
-        return encode_long(self, text)
+        z = encode_long(self, text)
+        if self.return_pooled:  # sgm's always_return_pooled: the final-normed end-of-text token
+            return z, self.transformer(input_ids=self.tokenize(text).to(self.device)).pooler_output
+        return z
 
 
 
@@ -274,3 +279,12 @@ class ClassEmbedder(nn.Module):
         """A batch dict of ``bs`` null-class labels, ready for :meth:`forward`."""
         device = self.embedding.weight.device if device is None else device
         return {self.key: torch.full((bs,), self.n_classes - 1, dtype=torch.long, device=device)}
+
+
+def __getattr__(name: str) -> Any:
+    # SDXL's embedders live in sdxl.py; published configs name them here (sgm's module path).
+    if name in ("FrozenOpenCLIPEmbedder2", "ConcatTimestepEmbedderND"):
+        from ldm.modules.encoders import sdxl
+
+        return getattr(sdxl, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
