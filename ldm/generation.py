@@ -179,6 +179,7 @@ def generate(
     mask: Optional[torch.Tensor] = None,
     callback: Optional[Callable[[dict], None]] = None,
     progress: bool = True,
+    refiner: Optional[torch.nn.Module] = None,
     **changes: Any,
 ) -> torch.Tensor:
     """Images ``[B, 3, H, W]`` in [0, 1] for ``prompts`` (one seed per prompt).
@@ -186,6 +187,10 @@ def generate(
     ``settings`` (:class:`ldm.settings.SamplingSettings`: sampler, steps, guidance, size, strength,
     precision, ...) with ``changes`` applied by name — ``generate(model, p, seeds=[1], steps=20)`` —
     a misspelled name is an error. ``negative_prompt`` may also be a list, one per prompt.
+
+    ``refiner`` (an SDXL refiner, sharing nothing with ``model`` but the latent space) finishes each image:
+    as an ensemble of experts taking over at ``refiner_switch`` of the schedule, or, with ``refiner_strength``,
+    as img2img on the base's finished latents.
 
     ``batch_invariant`` (default) computes each image on its own, so an image depends only on its
     prompt, seed and settings — bit for bit, whatever else was in the batch (kernels' rounding
@@ -211,7 +216,7 @@ def generate(
     kwargs = dict(sampler=options.sampler, steps=options.steps, guidance_scale=options.guidance_scale,
                   guidance_rescale=options.guidance_rescale, eta=options.eta, discretization=options.discretization,
                   height=options.height, width=options.width, strength=options.strength, precision=options.precision,
-                  callback=callback, progress=progress, options=options)
+                  callback=callback, progress=progress, options=options, refiner=refiner)
     if not options.batch_invariant or len(prompts) == 1:
         return _generate_batch(model, prompts, negative, list(seeds), init_image, mask, **kwargs)
     images = []
@@ -223,7 +228,7 @@ def generate(
 
 def _generate_batch(model, prompts: list[str], negative: list[str], seeds: list[int], init_image, mask, *, sampler, steps,
                     guidance_scale, guidance_rescale, eta, discretization, height, width, strength, precision, callback,
-                    progress, options: SamplingSettings) -> torch.Tensor:
+                    progress, options: SamplingSettings, refiner: Optional[torch.nn.Module] = None) -> torch.Tensor:
     weights = next(model.model.parameters())
     device = weights.device
     f = latent_factor(model)
@@ -257,12 +262,25 @@ def _generate_batch(model, prompts: list[str], negative: list[str], seeds: list[
                 init_latent = None  # the model sees the image through its extra channels
         elif mask is not None:
             keep = 1 - F.interpolate(mask, size=shape[1:], mode="nearest")
+        ensemble = refiner is not None and options.refiner_strength is None
         latents = sample(
             model, cond, uncond=uncond, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
             sampler=sampler, steps=steps, shape=shape, seeds=seeds, eta=eta, discretization=discretization,
             init_latent=init_latent, strength=strength if keep is None else 1.0, keep_mask=keep,
-            callback=callback, progress=progress,
+            callback=callback, progress=progress, denoising_end=options.refiner_switch if ensemble else None,
         )
+    if refiner is not None:
+        model = refiner
+        weights = next(model.model.parameters())
+        with precision_context(precision, device, weights.dtype):
+            cond, uncond = encode_sdxl(model, prompts, negative, options, height, width)
+            common = dict(uncond=uncond, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                          sampler=sampler, steps=steps, shape=shape, seeds=seeds, eta=eta,
+                          discretization=discretization, callback=callback, progress=progress)
+            if ensemble:
+                latents = sample(model, cond, denoising_start=options.refiner_switch, noisy_latent=latents, **common)
+            else:
+                latents = sample(model, cond, init_latent=latents, strength=options.refiner_strength, **common)
     # fp16 VAE decoding overflows; decode in full precision unless bf16 was asked for.
     first_dtype = next(model.first_stage_model.parameters()).dtype
     with precision_context("bf16" if precision == "bf16" else "fp32", device, first_dtype):

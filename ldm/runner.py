@@ -48,6 +48,7 @@ class Job:
     init_image: Optional[torch.Tensor] = None
     mask: Optional[torch.Tensor] = None
     inputs: dict[str, Any] = field(default_factory=dict)  # input paths and hashes, for the metadata
+    refiner: Optional[tuple[Path, Path]] = None  # (config, checkpoint) of an SDXL refiner
 
 
 @dataclass
@@ -90,23 +91,34 @@ def prepare(cfg: Mapping[str, Any], task: str, user_keys: Iterable[str] = ()) ->
     else:
         _read_inputs(job)
     check_memory(s.height, s.width, s.device, **_decoder_shape(model_config))
+    if s.refiner_ckpt is not None:
+        job.refiner = resolve_model(s.refiner_config or str(CONFIG_DIR / "stable-diffusion" / "sdxl-refiner.yaml"),
+                                    s.refiner_ckpt)
+        s.refiner_config, s.refiner_ckpt = map(str, job.refiner)
+        job.inputs["refiner_sha256"] = sha256_file(job.refiner[1])
+    elif s.refiner_config is not None:
+        raise ValueError("refiner_config needs refiner_ckpt (--refiner FILE)")
     job.model_sha256 = sha256_file(ckpt)
     if meta is not None:
         _check_recorded_hashes(job, meta, cfg.regenerate)
     return job
 
 
-def execute(job: Job, model: Optional[torch.nn.Module] = None, *, progress: bool = True) -> RunResult:
+def execute(job: Job, model: Optional[torch.nn.Module] = None, *, progress: bool = True,
+            refiner: Optional[torch.nn.Module] = None) -> RunResult:
     """Generate ``job``'s images and write them, the grid and ``config.yaml`` into its outdir."""
     s = job.settings
     if model is None:
         model = load_model(job.config, job.ckpt, device=s.device, use_ema=bool(s.use_ema))
         prepare_for_inference(model, s.precision, compile=bool(s.get("compile", False)))
+    if refiner is None and job.refiner is not None:
+        refiner = load_model(*job.refiner, device=s.device)
+        prepare_for_inference(refiner, s.precision, compile=bool(s.get("compile", False)))
     sample_dir = job.outdir / "samples"
     new_dirs = [d for d in (job.outdir, sample_dir) if not d.exists()]
     written: list[Path] = []
     try:
-        return _generate_and_write(job, model, sample_dir, written, progress)
+        return _generate_and_write(job, model, refiner, sample_dir, written, progress)
     except Exception:  # a late failure takes back what this run wrote; earlier runs' files stay
         for path in written:
             path.unlink(missing_ok=True)
@@ -116,8 +128,8 @@ def execute(job: Job, model: Optional[torch.nn.Module] = None, *, progress: bool
         raise
 
 
-def _generate_and_write(job: Job, model: torch.nn.Module, sample_dir: Path, written: list[Path],
-                        progress: bool) -> RunResult:
+def _generate_and_write(job: Job, model: torch.nn.Module, refiner: Optional[torch.nn.Module], sample_dir: Path,
+                        written: list[Path], progress: bool) -> RunResult:
     s = job.settings
     job.outdir.mkdir(parents=True, exist_ok=True)
     if not s.skip_save:
@@ -131,7 +143,7 @@ def _generate_and_write(job: Job, model: torch.nn.Module, sample_dir: Path, writ
         for prompt in job.prompts:  # one call per prompt: n_samples images, saved as soon as they exist
             batch, k = seeds[k : k + s.n_samples], k + s.n_samples
             images = generate(model, [prompt] * len(batch), options, seeds=batch, init_image=job.init_image,
-                              mask=job.mask, progress=progress)
+                              mask=job.mask, progress=progress, refiner=refiner)
             for image, seed in zip(images, batch):
                 if not s.skip_save:
                     meta = build_metadata(job.task, s, prompt=prompt, seed=seed, config=job.config, ckpt=job.ckpt,
@@ -266,8 +278,12 @@ def _read_inputs(job: Job) -> None:
 
 def _check_recorded_hashes(job: Job, meta: dict, png: str) -> None:
     """Regeneration reproduces an image only from the very same files: refuse when one changed."""
-    current = {"model_sha256": (job.ckpt, job.model_sha256), **{
-        f"{k}_sha256": (job.inputs[k], job.inputs[f"{k}_sha256"]) for k in ("init_img", "mask") if k in job.inputs}}
+    current = {"model_sha256": (job.ckpt, job.model_sha256)}
+    if job.refiner is not None:
+        current["refiner_sha256"] = (job.refiner[1], job.inputs["refiner_sha256"])
+    for key in ("init_img", "mask"):
+        if key in job.inputs:
+            current[f"{key}_sha256"] = (job.inputs[key], job.inputs[f"{key}_sha256"])
     for key, (path, digest) in current.items():
         if meta.get(key) is not None and meta[key] != digest:
             raise ValueError(f"{path} has changed since {png} was made (sha256 {digest[:12]}..., recorded {meta[key][:12]}...); "

@@ -129,6 +129,13 @@ class SamplingSettings:
                                                                   "its own sizes; null = (0, 0)", check=pair)
     aesthetic_score: float = setting(6.0, "SDXL refiner: aesthetic score conditioning", check=finite)
     negative_aesthetic_score: float = setting(2.5, "SDXL refiner: aesthetic score of the negative side", check=finite)
+    refiner_switch: float = setting(0.8, "SDXL base + refiner as an ensemble of experts: the fraction of the schedule "
+                                    "(by training timestep) the base runs before the refiner takes over "
+                                    "(diffusers' denoising_end / denoising_start)", check=between(0, 1),
+                                    flags=("high-noise-frac", "high_noise_frac"))
+    refiner_strength: Optional[float] = setting(None, "SDXL refiner as img2img after the whole base run, with this "
+                                                "strength; null = ensemble of experts at refiner_switch",
+                                                check=between(0, 1))
     precision: str = setting("fp32", "fp32 | bf16 | fp16 (weights in that dtype) | autocast (CompVis: full)",
                              choices=_precisions, value_aliases={"full": "fp32"})
     batch_invariant: bool = setting(True, "compute each image on its own: bit-identical whatever else is in the batch")
@@ -156,6 +163,10 @@ class RunSettings(SamplingSettings):
     skip_save: bool = setting(False, "do not write the single images", recipe=False)
     n_rows: int = setting(0, "images per grid row (0 = one row per iteration)", check=at_least(0), recipe=False)
     regenerate: Optional[str] = setting(None, "a PNG written by these scripts: reproduce that one image", recipe=False)
+    refiner_ckpt: Optional[str] = setting(None, "SDXL refiner weights that finish each image (see refiner_switch, "
+                                          "refiner_strength)", flags=("refiner",))
+    refiner_config: Optional[str] = setting(None, "the refiner's model YAML; null = "
+                                            "configs/stable-diffusion/sdxl-refiner.yaml", flags=("refiner-config",))
     init_img: Optional[str] = setting(None, "img2img/inpaint: the image to start from", flags=("init-img",),
                                       tasks=("img2img", "inpaint"))
     mask: Optional[str] = setting(None, "inpaint: white = repaint, black = keep", tasks=("inpaint",))

@@ -120,6 +120,7 @@ def bad_files(tmp_path, good: Path):
     return [tmp_path / n for n in files] + [evil], marker
 
 
+@pytest.mark.slow
 def test_cli_bad_files_one_line_no_traceback(trained_like, tmp_path):
     _, d = trained_like
     paths, marker = bad_files(tmp_path, d / "model.safetensors")
@@ -134,6 +135,7 @@ def test_cli_bad_files_one_line_no_traceback(trained_like, tmp_path):
     assert "--unsafe-pickle" in run_tool("inspect", evil).stderr
 
 
+@pytest.mark.slow
 def test_cli_wrong_architecture_and_check(trained_like):
     _, d = trained_like
     res = run_tool("check", d / "model.safetensors", "--config", TINY_V2)
@@ -143,6 +145,7 @@ def test_cli_wrong_architecture_and_check(trained_like):
     assert ok.returncode == 0 and ok.stdout.startswith("ok:"), ok.stderr
 
 
+@pytest.mark.slow
 def test_cli_convert_ema_half(trained_like, tmp_path):
     src, d = trained_like
     out = tmp_path / "ema16.safetensors"

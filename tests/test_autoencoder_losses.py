@@ -284,6 +284,7 @@ def test_discriminator_refuses_images_too_small_for_its_depth():
 # ---- end to end -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gan_experiment_trains_through_main_and_exports(tmp_path):
     run = tmp_path / "run"
     args = [sys.executable, str(ROOT / "main.py"), "experiment=digits_autoencoder_gan", f"hydra.run.dir={run}",

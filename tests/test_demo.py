@@ -4,10 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from ldm.api import load_model
 from ldm.digit_metrics import evaluate_digits
+
+pytestmark = pytest.mark.slow  # subprocess runs of main.py / the scripts, training
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "ldm" / "assets" / "digits_demo"

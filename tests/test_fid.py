@@ -57,6 +57,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * root))
 
 
+@pytest.mark.slow
 def test_fid_is_zero_against_itself_and_grows_with_the_perturbation(weights, digits):
     from ldm.fid import add_images
 
@@ -131,6 +132,7 @@ def tiny_config(*overrides: str):
         return compose("train", overrides=[*common, *overrides])
 
 
+@pytest.mark.slow
 def test_training_writes_fid_into_metrics(tmp_path, weights):
     from ldm.trainer import train
 

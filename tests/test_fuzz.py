@@ -135,6 +135,7 @@ def _all_paths(node, prefix=()):
             yield from _all_paths(value, prefix + (i,))
 
 
+@pytest.mark.slow
 def test_fuzz_model_yaml(tools, tiny, tmp_path):
     marker = tmp_path / "marker"
     base = OmegaConf.to_container(OmegaConf.load(TINY))
@@ -173,6 +174,7 @@ RECIPE = {"prompt": "x", "seed": 3, "steps": 2, "height": 32, "width": 32, "samp
           "discretization": None, "guidance_rescale": 0.0, "script": "txt2img"}
 
 
+@pytest.mark.slow
 def test_fuzz_recipe_fields(tools, tiny, tmp_path):
     rng = random.Random(7)
     outcomes = {0: 0, 2: 0}
@@ -196,6 +198,7 @@ FLAGS = ["--scale", "--ddim_steps", "--H", "--W", "--seed", "--ddim_eta", "--n_s
          "--sampler", "--neg", "--device", "--n_rows", "guidance_rescale", "discretization", "--strength", "--bogus"]
 
 
+@pytest.mark.slow
 def test_fuzz_cli_values(tools, tiny, tmp_path):
     rng = random.Random(5)
     outcomes = {0: 0, 2: 0}

@@ -106,6 +106,7 @@ def test_autocast_is_used_only_when_weights_are_not_already_low_precision():
         precision_context("half", cpu)
 
 
+@pytest.mark.slow
 def test_compiled_unet_matches_eager():
     torch.manual_seed(0)
     model = randomize_(build_model(TINY).eval(), seed=1)

@@ -77,6 +77,7 @@ def test_get_input_from_the_cache_never_runs_the_encoders(tiny, tmp_path, monkey
     torch.testing.assert_close(c, null.expand_as(c))
 
 
+@pytest.mark.slow
 def test_training_from_the_cache_matches_training_from_images(tmp_path):
     common = ["trainer.max_steps=4", "export.enabled=false", "data.validation=null", "checkpoint.every_n_train_steps=4"]
     main_py(tmp_path, *common, run="images")

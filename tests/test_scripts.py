@@ -249,6 +249,7 @@ def test_hash_cache(tmp_path):
     ("txt2img.py", ["--prompt", "a cat", "--H", "100"]),
     ("img2img.py", ["--prompt", "a cat", "--init-img", "missing.png"]),
 ])
+@pytest.mark.slow
 def test_cli_errors_have_no_traceback(models, tmp_path, script, argv):
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -175,6 +175,7 @@ def test_code_carrying_ckpt_never_runs_through_any_reader(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_resume_from_a_code_carrying_ckpt_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "marker"
     run = tmp_path / "run" / "checkpoints"

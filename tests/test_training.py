@@ -11,6 +11,8 @@ from omegaconf import OmegaConf
 
 from ldm.util import instantiate_from_config
 
+pytestmark = pytest.mark.slow  # subprocess runs of main.py / the scripts, training
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 

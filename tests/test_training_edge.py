@@ -85,6 +85,7 @@ def test_temporaries_are_recognisable_and_stale_ones_removed(tmp_path):
         sleeper.wait()
 
 
+@pytest.mark.slow
 def test_package_has_no_test_hooks_cuda_literals_or_import_time_warning_filters():
     import ldm.trainer
 
@@ -121,6 +122,7 @@ class Probe(pl.Callback):
         self.model = pl_module
 
 
+@pytest.mark.slow
 def test_lora_run_exports_without_merging_the_live_model_and_cleans_its_checkpoints(tmp_path):
     pytest.importorskip("peft")
     from ldm.trainer import train

@@ -84,6 +84,9 @@ def sample(
     progress: bool = True,
     denoiser: Optional[DiscreteDenoiser] = None,
     sigmas: Optional[torch.Tensor] = None,
+    denoising_start: Optional[float] = None,
+    denoising_end: Optional[float] = None,
+    noisy_latent: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sample latents (in the model's own latent scale: decode with ``decode_first_stage``).
 
@@ -91,6 +94,11 @@ def sample(
     SDEdit img2img, running the last ``int(strength * steps)`` steps from ``init_latent`` noised to
     that level. ``keep_mask`` (1 = keep ``init_latent``) inpaints with an ordinary model.
     ``sigmas`` (descending, last = end level) overrides ``steps``/``discretization``.
+
+    Ensemble of expert denoisers (SDXL base + refiner, as diffusers' ``denoising_end`` / ``denoising_start``):
+    ``denoising_end=f`` runs only the steps at training timesteps >= ``round(T - f * T)`` and returns the
+    still-noisy latent; ``denoising_start=f`` with that ``noisy_latent`` runs the remaining steps of the
+    same schedule (no noise is added).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(sampler_names())}")
@@ -111,6 +119,8 @@ def sample(
         sigmas = get_sigmas(den, discretization or spec.discretization, steps, spec.final)
     sigmas = sigmas.to(device, torch.float32)
 
+    if x_T is None and noisy_latent is not None:
+        shape = tuple(noisy_latent.shape[1:])
     if x_T is None:
         if seeds is None or shape is None:
             raise ValueError("pass either x_T or both seeds and shape")
@@ -122,7 +132,12 @@ def sample(
     # Without seeds, stochastic samplers draw step noise from torch's global RNG.
     step_noise: Callable[[torch.Tensor], torch.Tensor] = noise_source or (lambda like: torch.randn_like(like))
 
-    if init_latent is not None and keep_mask is None:
+    sigmas, start = _expert_range(den, sigmas, denoising_start, denoising_end)
+    if denoising_start is not None:
+        if noisy_latent is None:
+            raise ValueError("denoising_start needs noisy_latent (the latent the first expert stopped at)")
+        x = noisy_latent.to(device, dtype) * (1 + sigmas[0] ** 2).sqrt()
+    elif init_latent is not None and keep_mask is None:
         n = len(sigmas) - 1
         t_enc = int(strength * n)
         if t_enc == 0:
@@ -144,7 +159,7 @@ def sample(
     def on_step(i: int, x_i: torch.Tensor, x0: torch.Tensor) -> None:
         bar.update(1)
         if callback is not None:
-            callback({"i": i, "x": x_i, "sigma": sigmas[i], "denoised": x0, "total": len(sigmas) - 1})
+            callback({"i": start + i, "x": x_i, "sigma": sigmas[i], "denoised": x0, "total": start + len(sigmas) - 1})
 
     try:
         x = spec.fn(denoise, x, sigmas, on_step, noise=step_noise, **options)
@@ -154,3 +169,26 @@ def sample(
     if keep_mask is not None:
         z = keep * init_latent.to(device, dtype) + (1 - keep) * z
     return z
+
+
+def _expert_range(den: DiscreteDenoiser, sigmas: torch.Tensor, start: Optional[float],
+                  end: Optional[float]) -> tuple[torch.Tensor, int]:
+    """The part of ``sigmas`` an expert runs (diffusers' rule: by training timestep against the cutoff
+    ``round(T - fraction * T)``), and the index of its first step in the whole schedule."""
+    for name, value in (("denoising_start", start), ("denoising_end", end)):
+        if value is not None and not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must be in (0, 1), got {value}")
+    if start is None and end is None:
+        return sigmas, 0
+    steps = den.sigma_to_t(sigmas[:-1].to(den.log_sigmas.device)).to(sigmas.device)
+    first, last = 0, len(sigmas) - 1
+    if end is not None:
+        cutoff = round(den.num_timesteps - end * den.num_timesteps)
+        last = int((steps >= cutoff).sum())
+    if start is not None:
+        cutoff = round(den.num_timesteps - start * den.num_timesteps)
+        first = len(steps) - int((steps < cutoff).sum())
+    if last <= first:
+        raise ValueError(f"denoising_start/denoising_end leave no step of the {len(steps)} to run; "
+                         "use more steps or another switch point")
+    return sigmas[first:last + 1], first
