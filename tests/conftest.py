@@ -25,3 +25,28 @@ def reference_dir() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def txt2img():
+    """scripts/txt2img.py as a module (``txt2img.run(argv)`` returns the exit code)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_conftest_txt2img", ROOT / "scripts" / "txt2img.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def model_args(tmp_path_factory):
+    """``--config``/``--ckpt`` of a tiny random SD 1.x-shaped model saved once per session."""
+    import torch
+
+    from ldm.api import build_model, save_model
+
+    config = ROOT / "configs/tiny/tiny-sd1.yaml"
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-sd1") / "tiny.safetensors"
+    save_model(build_model(config), path)
+    return ["--config", str(config), "--ckpt", str(path)]

@@ -1,5 +1,4 @@
 """Bad settings and late failures: one error line before any output, and nothing left half-written."""
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -8,29 +7,13 @@ import torch
 from PIL import Image
 
 from ldm import runner
-from ldm.api import build_model, save_model
+from ldm.api import build_model
 from ldm.image_io import image_to_tensor, mask_to_tensor, read_metadata
 from ldm.models.diffusion.sampling.core import NoiseSource
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny/tiny-sd1.yaml"
 FAST = ["--H", "32", "--W", "32", "--ddim_steps", "2", "--n_iter", "1", "--n_samples", "1"]
-
-
-@pytest.fixture(scope="module")
-def txt2img():
-    spec = importlib.util.spec_from_file_location("_hardening_txt2img", ROOT / "scripts" / "txt2img.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def model_args(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_model(build_model(TINY), path)
-    return ["--config", str(TINY), "--ckpt", str(path)]
 
 
 @pytest.fixture(autouse=True)

@@ -50,18 +50,23 @@ def test_meta_build_matches_manifest(reference_dir, manifest, spelling):
 TINY_XL = ROOT / "configs/tiny/tiny-sdxl.yaml"
 
 
-@pytest.fixture(scope="module")
-def tiny_xl():
+def random_tiny(config: Path, seed: int):
+    """A tiny SDXL-shaped model with every UNet and text-encoder weight re-drawn (no zero-initialised outputs)."""
     from ldm.api import build_model
     from tests.helpers import randomize_
 
-    torch.manual_seed(0)
-    model = build_model(TINY_XL).eval()
-    randomize_(model.model.diffusion_model, seed=1)
-    randomize_(model.conditioner, seed=2)
+    torch.manual_seed(seed)
+    model = build_model(config).eval()
+    randomize_(model.model.diffusion_model, seed=seed + 1)
+    randomize_(model.conditioner, seed=seed + 2)
     with torch.no_grad():
         model.model.diffusion_model.out[2].weight.mul_(0.3)
     return model
+
+
+@pytest.fixture(scope="module")
+def tiny_xl():
+    return random_tiny(TINY_XL, 0)
 
 
 @pytest.fixture(scope="module")
@@ -121,17 +126,9 @@ TINY_REFINER = ROOT / "configs/tiny/tiny-sdxl-refiner.yaml"
 
 
 @pytest.fixture(scope="module")
-def tiny_refiner():
-    from ldm.api import build_model
-    from tests.helpers import randomize_
-
-    torch.manual_seed(1)
-    model = build_model(TINY_REFINER).eval()
-    randomize_(model.model.diffusion_model, seed=3)
-    randomize_(model.conditioner, seed=4)
-    model.first_stage_model.load_state_dict(build_model(TINY_XL).first_stage_model.state_dict())  # one VAE, as SDXL
-    with torch.no_grad():
-        model.model.diffusion_model.out[2].weight.mul_(0.3)
+def tiny_refiner(tiny_xl):
+    model = random_tiny(TINY_REFINER, 3)
+    model.first_stage_model.load_state_dict(tiny_xl.first_stage_model.state_dict())  # one VAE, as in SDXL
     return model
 
 

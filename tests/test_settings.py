@@ -1,6 +1,5 @@
 """The settings declaration (ldm/settings.py) drives the Hydra schema, CompVis flags, validation and the recipe."""
 import dataclasses
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from ldm import settings
-from ldm.api import build_model, save_model
+from ldm.api import build_model
 from ldm.image_io import read_metadata
 from ldm.run_config import translate_argv
 from ldm.settings import RunSettings, between, setting
@@ -16,22 +15,6 @@ from ldm.settings import RunSettings, between, setting
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny/tiny-sd1.yaml"
 FAST = ["--H", "32", "--W", "32", "--ddim_steps", "2", "--n_iter", "1", "--n_samples", "1"]
-
-
-@pytest.fixture(scope="module")
-def txt2img():
-    spec = importlib.util.spec_from_file_location("_settings_txt2img", ROOT / "scripts" / "txt2img.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def model_args(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_model(build_model(TINY), path)
-    return ["--config", str(TINY), "--ckpt", str(path)]
 
 
 @pytest.fixture

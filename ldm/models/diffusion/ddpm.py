@@ -6,7 +6,6 @@ The Lightning training surface lives in ``training.py``; samplers only need
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -135,15 +134,6 @@ class DDPM(DiffusionTrainingMixin, pl.LightningModule):
         state = {k: v for k, v in read_state_dict(path).items() if not any(k.startswith(i) for i in ignore_keys)}
         target = self.model if only_model else self
         load_into_model(target, state, strict=False)
-
-    @contextmanager
-    def ema_scope(self, context: Optional[str] = None):
-        """Run the block with EMA weights swapped in (no-op without EMA)."""
-        if not self.use_ema:
-            yield
-            return
-        with self.model_ema.average_parameters(self.model):
-            yield
 
     # ---- forward process and loss ---------------------------------------------------------
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:

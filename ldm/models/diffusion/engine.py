@@ -9,7 +9,6 @@ trains through the same Lightning mixin (``shared_step``: the eps/v loss of the 
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Any, Mapping, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -116,14 +115,6 @@ class DiffusionEngine(DiffusionTrainingMixin, pl.LightningModule):
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         return self.first_stage_model.decode((z / self.scale_factor).to(next(self.first_stage_model.parameters()).dtype))
-
-    @contextmanager
-    def ema_scope(self, context: Optional[str] = None):
-        if not self.use_ema:
-            yield
-            return
-        with self.model_ema.average_parameters(self.model):
-            yield
 
     # ---- training: the same loss as LatentDiffusion, on sgm-style batches --------------------
     def shared_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

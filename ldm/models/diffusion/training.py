@@ -5,7 +5,8 @@
 """
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Optional
 
 import torch
 
@@ -14,6 +15,15 @@ from ldm.util import instantiate_from_config
 
 class DiffusionTrainingMixin:
     learning_rate: float = 1.0e-4
+
+    @contextmanager
+    def ema_scope(self, context: Optional[str] = None):
+        """Run the block with EMA weights swapped in (no-op without EMA)."""
+        if not getattr(self, "use_ema", False):
+            yield
+            return
+        with self.model_ema.average_parameters(self.model):
+            yield
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, loss_dict = self.shared_step(batch)
