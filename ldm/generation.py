@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.models.diffusion.sampling import sample
+from ldm.models.vae_tiling import tiled_decode
 from ldm.settings import PRECISIONS, SamplingSettings, validate
 
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -105,7 +106,7 @@ def check_memory(height: int, width: int, device: Union[str, torch.device], **de
     need, free = decode_memory_estimate(height, width, **decoder), available_memory(device)
     if free is not None and need > free:
         raise ValueError(f"{height}x{width} needs about {need / 2**30:.1f} GiB to decode, more than the "
-                         f"{free / 2**30:.1f} GiB free on {device}; choose a smaller size")
+                         f"{free / 2**30:.1f} GiB free on {device}; choose a smaller size or vae_tiling=true")
 
 
 def _as_list(value: Union[str, Sequence[str]], n: int, name: str) -> list[str]:
@@ -284,7 +285,11 @@ def _generate_batch(model, prompts: list[str], negative: list[str], seeds: list[
     # fp16 VAE decoding overflows; decode in full precision unless bf16 was asked for.
     first_dtype = next(model.first_stage_model.parameters()).dtype
     with precision_context("bf16" if precision == "bf16" else "fp32", device, first_dtype):
-        images = model.decode_first_stage(latents)
+        if options.vae_tiling:
+            tile = options.vae_tile_size
+            images = tiled_decode(model.decode_first_stage, latents, latent_factor(model), tile, tile // 4)
+        else:
+            images = model.decode_first_stage(latents)
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 

@@ -90,7 +90,9 @@ def prepare(cfg: Mapping[str, Any], task: str, user_keys: Iterable[str] = ()) ->
             raise ValueError("height and width are needed: pass --H and --W")
     else:
         _read_inputs(job)
-    check_memory(s.height, s.width, s.device, **_decoder_shape(model_config))
+    side = 8 * s.vae_tile_size  # with tiling, a decode holds one tile at a time
+    check_memory(min(s.height, side) if s.vae_tiling else s.height, min(s.width, side) if s.vae_tiling else s.width,
+                 s.device, **_decoder_shape(model_config))
     if s.refiner_ckpt is not None:
         job.refiner = resolve_model(s.refiner_config or str(CONFIG_DIR / "stable-diffusion" / "sdxl-refiner.yaml"),
                                     s.refiner_ckpt)

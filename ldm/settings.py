@@ -136,6 +136,10 @@ class SamplingSettings:
     refiner_strength: Optional[float] = setting(None, "SDXL refiner as img2img after the whole base run, with this "
                                                 "strength; null = ensemble of experts at refiner_switch",
                                                 check=between(0, 1))
+    vae_tiling: bool = setting(False, "decode in overlapping tiles (blended, no seams): peak memory follows the tile, "
+                               "for large images; slightly different pixels")
+    vae_tile_size: int = setting(64, "latent pixels per decode tile (x8 image pixels), overlapping by a quarter",
+                                 check=at_least(16))
     precision: str = setting("fp32", "fp32 | bf16 | fp16 (weights in that dtype) | autocast (CompVis: full)",
                              choices=_precisions, value_aliases={"full": "fp32"})
     batch_invariant: bool = setting(True, "compute each image on its own: bit-identical whatever else is in the batch")
