@@ -109,7 +109,11 @@ class EMAExport(pl.Callback):
 
     def __init__(self, out_dir: str | os.PathLike, model_config: Any, sampling: Optional[dict] = None, dtype: Optional[str] = None):
         self.out_dir, self.model_config, self.sampling = Path(out_dir), model_config, sampling
-        self.dtype = getattr(torch, dtype) if dtype else None
+        exportable = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                      "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        if dtype and dtype not in exportable:
+            raise ValueError(f"export.dtype must be one of float32, float16, bfloat16 (or fp32/fp16/bf16), got {dtype!r}")
+        self.dtype = exportable[dtype] if dtype else None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After the last checkpoint is written; the module is left as training made it.

@@ -230,6 +230,7 @@ def _resume_dir(tmp_path: Path, content: bytes) -> Path:
     ("empty", "is empty"),
     ("random", "last.ckpt"),
     ("safetensors", "not a training checkpoint"),
+    ("dtype", "export.dtype must be one of"),
 ])
 def test_main_py_user_errors_are_one_line(tmp_path, case, words):
     from safetensors.torch import save_file
@@ -238,6 +239,8 @@ def test_main_py_user_errors_are_one_line(tmp_path, case, words):
         args = ["model.params.unet_config.params.model_channels='32'"]
     elif case == "batch":
         args = ["data.batch_size=abc"]
+    elif case == "dtype":
+        args = ["export.enabled=true", "export.dtype=int8"]
     elif case == "safetensors":
         save_file({"w": torch.ones(2)}, str(tmp_path / "w.safetensors"))
         args = [f"resume={_resume_dir(tmp_path, (tmp_path / 'w.safetensors').read_bytes())}"]

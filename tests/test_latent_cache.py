@@ -91,3 +91,14 @@ def test_training_from_the_cache_matches_training_from_images(tmp_path):
     for k in a:  # same random draws in the same order: the same run up to float rounding of batched encoding
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5, msg=lambda m: f"{k}: {m}")
     assert res.returncode == 0
+
+
+def test_a_damaged_cache_is_rebuilt(tiny, tmp_path):
+
+    data = Subset(DigitsDataset(split="train", size=16), range(6))
+    cache = build_cache(tiny, data, tmp_path / "c", batch_size=4, dataset_id="digits")
+    good = (cache / CACHE_FILE).read_bytes()
+    (cache / CACHE_FILE).write_bytes(good[: len(good) // 2])  # a truncated copy
+    build_cache(tiny, data, cache, batch_size=4, dataset_id="digits")
+    assert (cache / CACHE_FILE).read_bytes() == good
+    assert len(CachedLatentDataset(cache)) == 6

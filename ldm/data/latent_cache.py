@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
@@ -192,4 +193,10 @@ def _matches(cache_dir: Path, fingerprint: str) -> bool:
         info = json.loads((cache_dir / INFO_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return info.get("fingerprint") == fingerprint and (cache_dir / CACHE_FILE).is_file()
+    if info.get("fingerprint") != fingerprint or not (cache_dir / CACHE_FILE).is_file():
+        return False
+    try:  # a damaged tensors file (truncated copy, disk error) is rebuilt, not trusted
+        with safe_open(cache_dir / CACHE_FILE, framework="pt") as f:
+            return "moments" in f.keys() and f.get_slice("moments").get_shape()[0] == info.get("items")
+    except Exception:  # noqa: BLE001 - any unreadable file means: rebuild
+        return False
