@@ -117,10 +117,14 @@ def guess_architecture(shapes: Mapping[str, tuple]) -> str:
 
 
 def _has_ema_option(node: DictConfig) -> bool:
-    from ldm.models.diffusion.ddpm import DDPM
+    """Whether the config's class takes ``use_ema`` (DDPM family, DiffusionEngine): inference builds turn it off."""
+    import inspect
 
     cls = get_obj_from_str(node.target)
-    return isinstance(cls, type) and issubclass(cls, DDPM)
+    try:
+        return "use_ema" in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _describe(config: ConfigLike) -> str:

@@ -83,7 +83,7 @@ def export_for_sampling(pl_module: pl.LightningModule, model_config: Any, out_di
     state = {k: v for k, v in state.items() if not k.startswith("model_ema.")}
     save_state_dict(state, out_dir / "model.safetensors", dtype=dtype)
     cfg = OmegaConf.create({"model": OmegaConf.to_container(OmegaConf.create(model_config), resolve=True)})
-    if _is_diffusion(cfg.model.target):
+    if "use_ema" in (cfg.model.get("params") or {}):  # the file holds the EMA weights as the model's own
         cfg.model.params.use_ema = False
     for key in ("ckpt_path",):
         cfg.model.params.pop(key, None)
@@ -94,14 +94,6 @@ def export_for_sampling(pl_module: pl.LightningModule, model_config: Any, out_di
         cfg.sampling = sampling
     atomic_write(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     return out_dir / "model.safetensors"
-
-
-def _is_diffusion(target: str) -> bool:
-    from ldm.models.diffusion.ddpm import DDPM
-    from ldm.util import get_obj_from_str
-
-    cls = get_obj_from_str(target)
-    return isinstance(cls, type) and issubclass(cls, DDPM)
 
 
 class EMAExport(pl.Callback):

@@ -240,3 +240,44 @@ def test_img2img_and_inpaint_scripts_run_on_sdxl(xl_files, tmp_path, monkeypatch
     if task == "inpaint":  # outside the mask the image is kept (latent blending; VAE round trip aside)
         init = np.asarray(Image.open(tmp_path / "init.png")).astype(float)
         assert out.shape == init.shape
+
+
+@pytest.mark.slow
+def test_main_py_trains_an_sdxl_model_with_micro_conditioning_and_exports_it(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from ldm.api import load_model
+    from ldm.generation import generate
+
+    res = subprocess.run([sys.executable, str(ROOT / "main.py"), "experiment=tiny_sdxl", f"hydra.run.dir={tmp_path / 'run'}",
+                          "trainer.max_steps=6", "checkpoint.every_n_train_steps=3", "progress_refresh=0"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    export = tmp_path / "run" / "export"
+    model = load_model(export / "config.yaml", export / "model.safetensors")
+    assert type(model).__name__ == "DiffusionEngine"
+    images = generate(model, ["a handwritten digit seven"], seeds=[0], height=16, width=16, steps=4, progress=False)
+    assert images.shape == (1, 3, 16, 16)
+
+
+def test_data_items_carry_micro_conditioning_and_it_reaches_the_vector(tmp_path):
+    from PIL import Image
+
+    from ldm.data.digits import DigitsDataset
+    from ldm.data.image_folder import ImageFolderDataset
+
+    item = DigitsDataset(split="train", size=16)[0]
+    assert item["original_size_as_tuple"].tolist() == [8, 8] and item["target_size_as_tuple"].tolist() == [16, 16]
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(tmp_path / "wide.png")
+    (tmp_path / "wide.txt").write_text("a red image")
+    got = ImageFolderDataset(tmp_path, size=16, center_crop=True)[0]
+    assert got["original_size_as_tuple"].tolist() == [20, 40]  # (height, width) before resizing
+    assert got["crop_coords_top_left"].tolist() == [0, 8]  # 40x20 -> 32x16, centre crop of 16 starts at 8
+    model = random_tiny(TINY_XL, 5)
+    batch = {"txt": ["x", "x"], "original_size_as_tuple": torch.tensor([[8, 8], [64, 64]]),
+             "crop_coords_top_left": torch.zeros(2, 2), "target_size_as_tuple": torch.tensor([[16, 16], [16, 16]])}
+    vector = model.conditioner(batch)["vector"]
+    assert torch.equal(vector[0, :32], vector[1, :32]) and not torch.equal(vector[0, 32:48], vector[1, 32:48])

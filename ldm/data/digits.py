@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ldm.data.image_folder import micro_conditioning
+
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLITS = ("train", "validation", "val", "all")
 
@@ -76,4 +78,5 @@ class DigitsDataset(Dataset):
         if self.flip and torch.rand(()) < 0.5:
             image = image.flip(1)  # width axis of [H, W, C]
         label = int(self.labels[i])
-        return {"image": image.clone(), "txt": self.caption(label), "label": label}
+        return {"image": image.clone(), "txt": self.caption(label), "label": label,
+                **micro_conditioning((8, 8), (0, 0), (self.size, self.size))}  # 8x8 scans, upsampled, never cropped

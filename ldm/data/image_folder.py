@@ -23,6 +23,13 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+def micro_conditioning(original: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]) -> dict:
+    """SDXL's per-image conditioning (diffusers' training convention): the source size (height, width)
+    before resizing, the crop's (top, left) in the resized image, and the training size."""
+    return {"original_size_as_tuple": torch.tensor(original), "crop_coords_top_left": torch.tensor(crop),
+            "target_size_as_tuple": torch.tensor(target)}
+
+
 def preprocess_image(
     image: Image.Image,
     size: int,
@@ -31,6 +38,18 @@ def preprocess_image(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Resize the shorter side to ``size``, crop to a square, to float32 [size, size, 3] in [-1, 1]."""
+    return preprocess_with_crop(image, size, center_crop, flip, generator)[0]
+
+
+def preprocess_with_crop(
+    image: Image.Image,
+    size: int,
+    center_crop: bool = True,
+    flip: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, int, int]:
+    """:func:`preprocess_image`, plus the crop's (top, left) in the resized image (after a flip: of the
+    flipped image), the micro-conditioning SDXL was trained with."""
     image = image.convert("RGB")
     w, h = image.size
     scale = size / min(w, h)
@@ -46,7 +65,8 @@ def preprocess_image(
     x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 127.5 - 1.0
     if flip:
         x = x.flip(1)  # width axis of [H, W, C]
-    return x
+        left = new_w - size - left
+    return x, top, left
 
 
 def _read_metadata(root: Path, caption_key: str) -> dict[str, str] | None:
@@ -191,6 +211,7 @@ class ImageFolderDataset(Dataset):
             if image is None:
                 continue
             flip = self.random_flip and bool(torch.rand(()) < 0.5)
-            x = preprocess_image(image, self.size, self.center_crop, flip)
-            return {"image": x, "txt": self.captions[j], "path": str(self.paths[j])}
+            x, top, left = preprocess_with_crop(image, self.size, self.center_crop, flip)
+            return {"image": x, "txt": self.captions[j], "path": str(self.paths[j]),
+                    **micro_conditioning((image.height, image.width), (top, left), (self.size, self.size))}
         raise RuntimeError(f"none of the {n} image(s) under {str(self.root)!r} could be decoded; {self.skip_report()}")
