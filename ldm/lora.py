@@ -109,28 +109,37 @@ def _diffusers_name(table: Mapping[str, tuple[str, Mapping[str, str]]], name: st
 def _index(model: nn.Module, compvis_aliases: bool = False) -> dict[str, tuple[nn.Module, str]]:
     """kohya module key -> (component root, module path in it) for every LoRA-able layer of ``model``.
 
-    ``compvis_aliases`` also accepts CompVis-named UNet keys (``lora_unet_input_blocks_1_1_...``,
-    as kohya writes for SDXL) when reading files.
+    SD 1.x/2.x keys name diffusers' UNet modules (``lora_unet_down_blocks_0_...``) and ``lora_te_``;
+    SDXL keys follow kohya's SDXL layout: CompVis UNet names (``lora_unet_input_blocks_4_1_...``) and
+    ``lora_te1_`` for the CLIP ViT-L text encoder. ``compvis_aliases`` (reading) accepts both spellings.
     """
     unet = _unet(model)
     table = _unet_layout(unet)
+    sdxl = _is_sdxl(model)
     out: dict[str, tuple[nn.Module, str]] = {}
     for name, mod in unet.named_modules():
         if isinstance(mod, _LAYER_TYPES) or _is_lora(mod):
             new = _diffusers_name(table, name)
-            if new is not None:
-                out["lora_unet_" + new.replace(".", "_")] = (unet, name)
-            if compvis_aliases:
-                out.setdefault("lora_unet_" + name.replace(".", "_"), (unet, name))
+            keys = ["lora_unet_" + name.replace(".", "_")] if sdxl else []
+            keys += ["lora_unet_" + new.replace(".", "_")] if new is not None else []
+            keys += ["lora_unet_" + name.replace(".", "_")] if compvis_aliases and not sdxl else []
+            for key in keys[: None if compvis_aliases else 1]:
+                out.setdefault(key, (unet, name))
     te = _text_model(model)
     if te is not None:
+        prefixes = ["lora_te1_", "lora_te_"] if sdxl else ["lora_te_", "lora_te1_"]
         for name, mod in te.named_modules():
             if isinstance(mod, _LAYER_TYPES) or _is_lora(mod):
-                out["lora_te_text_model_" + name.replace(".", "_")] = (te, name)
+                for prefix in prefixes[: None if compvis_aliases else 1]:
+                    out.setdefault(prefix + "text_model_" + name.replace(".", "_"), (te, name))
     return out
 
 
-# ---------------------------------------------------------------------------- peft plumbing
+def _is_sdxl(model: nn.Module) -> bool:
+    conditioner = getattr(model, "conditioner", None)
+    return conditioner is not None and len(conditioner.text_encoders()) > 1
+
+
 def _is_lora(module: nn.Module) -> bool:
     from peft.tuners.lora import LoraLayer
 

@@ -281,3 +281,38 @@ def test_data_items_carry_micro_conditioning_and_it_reaches_the_vector(tmp_path)
              "crop_coords_top_left": torch.zeros(2, 2), "target_size_as_tuple": torch.tensor([[16, 16], [16, 16]])}
     vector = model.conditioner(batch)["vector"]
     assert torch.equal(vector[0, :32], vector[1, :32]) and not torch.equal(vector[0, 32:48], vector[1, 32:48])
+
+
+def test_sdxl_lora_in_kohya_layout_loads_in_diffusers_with_the_same_images(tiny_xl, pipe, tmp_path):
+    """UNet + CLIP ViT-L adapters saved as kohya writes SDXL LoRAs (CompVis UNet names, lora_te1_): diffusers'
+    load_lora_weights reads the file and renders what we render; our own load_lora reads it back exactly."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from ldm.generation import generate
+    from ldm.lora import add_lora, load_lora, lora_state_dict, save_lora
+    from tests.test_lora import randomize_lora_
+
+    model = copy.deepcopy(tiny_xl)
+    add_lora(model, unet_targets=("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                                  "ff.net.2", "in_layers.2", "out_layers.3"), text_encoder=True)
+    randomize_lora_(model, seed=9)
+    path = save_lora(model, tmp_path / "lora.safetensors")
+    modules = {k.split(".")[0] for k in load_file(str(path))}
+    assert "lora_unet_input_blocks_1_0_in_layers_2" in modules
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in modules
+    assert not any(k.startswith(("lora_unet_down_blocks", "lora_te_")) for k in modules)
+    local = copy.deepcopy(pipe)
+    local.set_progress_bar_config(disable=True)
+    local.load_lora_weights(str(path))
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    ref = local("a cat", height=32, width=32, num_inference_steps=4, guidance_scale=5, latents=noise,
+                output_type="pt").images
+    ours = generate(model, ["a cat"], seeds=[5], height=32, width=32, steps=4, guidance_scale=5, progress=False)
+    plain = generate(tiny_xl, ["a cat"], seeds=[5], height=32, width=32, steps=4, guidance_scale=5, progress=False)
+    assert (ours - plain).abs().max() > 0.05 and (ours - ref).abs().max().item() < 1e-4
+    again = copy.deepcopy(tiny_xl)
+    load_lora(again, path)
+    saved = lora_state_dict(model)
+    assert all(torch.equal(v, lora_state_dict(again)[k]) for k, v in saved.items())
