@@ -13,7 +13,7 @@ import os
 import random
 import signal
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import lightning.pytorch as pl
 import numpy as np
@@ -88,13 +88,15 @@ class ExactResume(pl.Callback):
         for logger in trainer.loggers:  # the metrics up to this checkpoint survive a crash right after it
             logger.save()
         epoch, consumed = self._consumed(trainer)
-        checkpoint["ldm_resume"] = {"rng": _rng_state(), "epoch": epoch, "consumed": consumed}
+        checkpoint["ldm_resume"] = {"rng": _rng_state(), "epoch": epoch, "consumed": consumed,
+                                    "pending_row": _pending_row(trainer)}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         state = checkpoint.get("ldm_resume")
         if state is None:
             return
         self._rng_to_restore = state["rng"]
+        self._pending_row = state.get("pending_row")
         dm = trainer.datamodule
         if dm is not None and hasattr(dm, "resume_position"):
             dm.resume_position = (state["epoch"], state["consumed"])
@@ -104,6 +106,12 @@ class ExactResume(pl.Callback):
         if self._rng_to_restore is not None:
             _set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
+        row, self._pending_row = getattr(self, "_pending_row", None), None
+        if row is not None and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, ResumableCSVLogger) and not logger.experiment.has_row(row["step"], row["values"]):
+                    logger.log_metrics(row["values"], step=row["step"])
+                    logger.save()
 
     # -- SIGTERM: finish the current step, save, stop ---------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -124,6 +132,19 @@ class ExactResume(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+def _pending_row(trainer: pl.Trainer) -> Optional[dict]:
+    """The step metrics Lightning logs only *after* this batch's checkpoint is written (its loop logs them
+    once the batch-end callbacks ran): kept in the checkpoint so a kill in between loses no row."""
+    try:
+        connector = trainer._logger_connector
+        if not connector.should_update_logs:
+            return None
+        values = {k: float(v) for k, v in connector.metrics["log"].items()}
+        return {"step": int(trainer.fit_loop.epoch_loop._batches_that_stepped), "values": values} if values else None
+    except (AttributeError, KeyError, TypeError, ValueError):  # another Lightning version: rows as Lightning writes them
+        return None
 
 
 class _KeepingWriter(ExperimentWriter):
@@ -148,6 +169,21 @@ class _KeepingWriter(ExperimentWriter):
         kept = [r for r in rows if _step(r) < self._resume_step]
         self.metrics_keys = sorted(header)
         self._write(kept)
+
+    def has_row(self, step: int, keys: Iterable[str]) -> bool:
+        """Whether ``metrics.csv`` (or the rows waiting to be written) has values of ``keys`` at ``step``."""
+        keys = list(keys)
+
+        def full(row: dict) -> bool:
+            return all(row.get(k) not in (None, "") for k in keys)
+
+        if any(int(m.get("step", -1)) == step and full(m) for m in self.metrics):
+            return True
+        try:
+            with open(self.metrics_file_path, newline="") as f:
+                return any(_step(r) == step and full(r) for r in csv.DictReader(f))
+        except OSError:
+            return False
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         with open(self.metrics_file_path, newline="") as f:

@@ -4,7 +4,8 @@ Switched on by environment variables, which DDP's re-launched ranks inherit:
 ``LDM_TEST_KILL_AT_STEP`` (SIGKILL before that step, like a crash), ``LDM_TEST_SIGTERM_AT_STEP``
 (SIGTERM while the next step runs, like a pre-emption), ``LDM_TEST_DUMP_CHECKSUMS=1`` (per-rank
 weight sums in ``checksums-rank<N>.json``), ``LDM_TEST_KILL_DURING_SAVE=N`` (SIGKILL halfway through
-writing the N-th checkpoint file). :func:`register` adds them to ``ldm.trainer``.
+writing the N-th checkpoint file), ``LDM_TEST_KILL_AFTER_SAVE=N`` (SIGKILL right after the N-th checkpoint
+file is in place, before Lightning logs that batch's metrics). :func:`register` adds them to ``ldm.trainer``.
 """
 from __future__ import annotations
 
@@ -50,6 +51,21 @@ def hooks_from_env(cfg: Any, run_dir: Path) -> list[pl.Callback]:
     return [DebugHooks(run_dir, kill, dump, term)]
 
 
+def _kill_after_save(n: int) -> None:
+    """SIGKILL as soon as the n-th checkpoint file is complete (the batch's metrics are not logged yet)."""
+    from ldm.training_state import AtomicCheckpointIO
+
+    original, count = AtomicCheckpointIO.save_checkpoint, [0]
+
+    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Optional[Any] = None) -> None:
+        original(self, checkpoint, path, storage_options)
+        count[0] += 1
+        if count[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    AtomicCheckpointIO.save_checkpoint = save_checkpoint
+
+
 def _kill_during_save(n: int) -> None:
     """Make the n-th checkpoint write die halfway: a torn temporary file, then SIGKILL."""
     import torch
@@ -79,3 +95,5 @@ def register() -> None:
         trainer.CALLBACK_FACTORIES.append(hooks_from_env)
     if _int_env("LDM_TEST_KILL_DURING_SAVE"):
         _kill_during_save(_int_env("LDM_TEST_KILL_DURING_SAVE"))
+    if _int_env("LDM_TEST_KILL_AFTER_SAVE"):
+        _kill_after_save(_int_env("LDM_TEST_KILL_AFTER_SAVE"))

@@ -1,7 +1,8 @@
 """kill -9 at random moments (and halfway through checkpoint writes), resume, repeat: the run ends bit-exact.
 
-Training checkpoints every step. Each kill lands at a seeded random delay after the run has written
-a checkpoint; one kill tears a checkpoint file mid-write. Afterwards the weights, EMA and optimizer
+Training checkpoints every step. One kill tears a checkpoint file mid-write, one lands right after a
+checkpoint is in place but before Lightning logs that batch's metrics row, and the others at seeded
+random delays after the run has written a checkpoint. Afterwards the weights, EMA and optimizer
 moments equal an uninterrupted run's, ``metrics.csv`` holds every step's row exactly once with the
 same values, and no temporary file is left.
 """
@@ -19,7 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-STEPS = 10
+STEPS = 8
 COMMON = ["experiment=tiny", "loggers=[csv]", "progress_refresh=0", f"trainer.max_steps={STEPS}",
           "trainer.log_every_n_steps=1", "checkpoint.every_n_train_steps=1", "export.enabled=false",
           "data.validation=null"]
@@ -53,7 +54,11 @@ def test_random_kills_and_a_torn_write_resume_bit_exactly(tmp_path):
                            capture_output=True, timeout=600)
     assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
     assert _leftovers(run), "the torn write left no temporary file (the kill came too late)"
-    kills += 1
+    # Second attempt: die right after a checkpoint is in place, before Lightning logs that batch's row.
+    second = subprocess.run(_args(run, f"resume={run}"), env={**ENV, "LDM_TEST_KILL_AFTER_SAVE": "2"}, cwd=tmp_path,
+                            capture_output=True, timeout=600)
+    assert second.returncode == -signal.SIGKILL, second.stderr[-2000:]
+    kills += 2
     for attempt in range(8):
         proc = subprocess.Popen(_args(run, f"resume={run}"), env=ENV, cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -64,7 +69,7 @@ def test_random_kills_and_a_torn_write_resume_bit_exactly(tmp_path):
             if last.exists() and last.stat().st_mtime_ns != start_mtime:
                 break
             time.sleep(0.05)
-        if proc.poll() is None and attempt < 3:
+        if proc.poll() is None and attempt < 2:
             time.sleep(rng.uniform(0.0, 1.5))
             proc.send_signal(signal.SIGKILL)
             kills += 1

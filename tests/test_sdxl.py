@@ -252,7 +252,7 @@ def test_main_py_trains_an_sdxl_model_with_micro_conditioning_and_exports_it(tmp
     from ldm.generation import generate
 
     res = subprocess.run([sys.executable, str(ROOT / "main.py"), "experiment=tiny_sdxl", f"hydra.run.dir={tmp_path / 'run'}",
-                          "trainer.max_steps=6", "checkpoint.every_n_train_steps=3", "progress_refresh=0"],
+                          "trainer.max_steps=3", "checkpoint.every_n_train_steps=3", "progress_refresh=0"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=600,
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})
     assert res.returncode == 0, res.stderr[-3000:]
