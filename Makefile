@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-fast demo demo-model bench-load bench-txt2img
+.PHONY: setup test test-fast demo demo-model bench-load bench-txt2img bench-vae
 
 setup:
 	@LDM_VENV=$(VENV) bash scripts/setup_env.sh
@@ -26,3 +26,6 @@ bench-load: setup
 
 bench-txt2img: setup
 	$(PY) benchmarks/bench_txt2img.py
+
+bench-vae: setup
+	$(PY) benchmarks/bench_vae_memory.py --size 1024

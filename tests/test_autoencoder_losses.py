@@ -146,6 +146,7 @@ def test_logvar_is_fixed_unless_learned():
     assert opt_ae.defaults["betas"] == opt_disc.defaults["betas"] == (0.5, 0.9)
 
 
+@pytest.mark.slow
 def test_manual_optimization_trains_autoencoder_and_discriminator():
     torch.manual_seed(0)
     model = tiny_autoencoder(disc_start=0, disc_weight=0.5)

@@ -431,6 +431,7 @@ def big_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     return path, n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["load", "copy"])
 def test_peak_rss_is_one_copy(big_file: tuple[Path, int], mode: str) -> None:
     path, n = big_file

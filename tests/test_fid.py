@@ -74,6 +74,7 @@ def test_fid_is_zero_against_itself_and_grows_with_the_perturbation(weights, dig
     assert fids[1] < fids[2] < fids[3], fids
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Matrix is singular")  # 10 images span 9 of the 64 feature dimensions
 def test_fid_matches_the_frechet_distance_of_the_features(weights, digits):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3

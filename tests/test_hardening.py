@@ -52,6 +52,7 @@ def test_outdir_blocked_by_a_file(txt2img, model_args, tmp_path, capsys):
     assert blocker.read_text() == "x"
 
 
+@pytest.mark.slow
 def test_late_failure_removes_what_the_run_wrote(txt2img, model_args, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     assert txt2img.run(["--prompt", "first", *FAST, "--outdir", str(out), *model_args]) == 0

@@ -79,6 +79,7 @@ def test_fp16_keeps_the_autoencoder_in_fp32():
     assert next(model.first_stage_model.parameters()).dtype == torch.float32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("config", [TINY, ROOT / "configs/tiny/tiny-sd1-inpainting.yaml"], ids=["sd", "inpainting-9ch"])
 def test_img2img_and_inpainting_run_with_low_precision_weights(config, precision):

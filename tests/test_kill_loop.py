@@ -20,7 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-STEPS = 8
+STEPS = 6
 COMMON = ["experiment=tiny", "loggers=[csv]", "progress_refresh=0", f"trainer.max_steps={STEPS}",
           "trainer.log_every_n_steps=1", "checkpoint.every_n_train_steps=1", "export.enabled=false",
           "data.validation=null"]

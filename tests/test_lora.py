@@ -251,6 +251,7 @@ def test_bad_files_and_arguments_raise_one_line_errors(model, tmp_path):
         add_lora(model, unet_targets=("to_q", "to_qq"))
 
 
+@pytest.mark.slow
 def test_diffusers_loads_our_file_and_matches(base, tmp_path):
     """Our kohya file in diffusers' StableDiffusionPipeline.load_lora_weights: same images as ours."""
     from benchmarks.peers import diffusers_sd1_pipeline
@@ -293,6 +294,7 @@ def test_diffusers_loads_our_file_and_matches(base, tmp_path):
     assert (ours - ref).abs().max().item() < 1e-4  # ... and diffusers applies it exactly as we do
 
 
+@pytest.mark.slow
 def test_unet_layout_follows_the_unets_own_structure(tmp_path):
     """3 levels x 2 res blocks, attention on all but the deepest level (as SD 1.x), depth-2 linear transformers: diffusers'
     own conversion of the same weights applies our file identically."""

@@ -76,6 +76,7 @@ def pipe(tiny_xl, tmp_path_factory):
     return diffusers_sdxl_pipeline(tiny_xl, str(TINY_XL), tmp_path_factory.mktemp("xl"))
 
 
+@pytest.mark.slow
 def test_text_encoders_match_diffusers(tiny_xl, pipe):
     from ldm.generation import encode_sdxl
     from ldm.settings import SamplingSettings
@@ -90,6 +91,7 @@ def test_text_encoders_match_diffusers(tiny_xl, pipe):
     assert pooled.std() > 0.1 and embeds.std() > 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("negative", ["", "blurry"])
 def test_whole_txt2img_matches_diffusers_sdxl_pipeline(tiny_xl, pipe, negative):
     """Both text encoders (a second prompt for the second), pooled + micro-conditioning vector (non-default
@@ -110,6 +112,7 @@ def test_whole_txt2img_matches_diffusers_sdxl_pipeline(tiny_xl, pipe, negative):
         assert (ours - ref).abs().max().item() < 1e-5
 
 
+@pytest.mark.slow
 def test_batched_prompts_match_diffusers_with_shared_micro_conditioning(tiny_xl, pipe):
     from ldm.generation import generate
 
@@ -132,6 +135,7 @@ def tiny_refiner(tiny_xl):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switch", [0.8, 0.5])
 def test_base_plus_refiner_ensemble_matches_diffusers(tiny_xl, tiny_refiner, pipe, tmp_path, switch):
     """Ensemble of experts: the base runs the high-noise part of one schedule (diffusers' denoising_end), the
@@ -155,6 +159,7 @@ def test_base_plus_refiner_ensemble_matches_diffusers(tiny_xl, tiny_refiner, pip
     assert (ours - ref).abs().max().item() < 1e-5
 
 
+@pytest.mark.slow
 def test_refiner_as_img2img_matches_diffusers(tiny_xl, tiny_refiner, pipe, tmp_path):
     from benchmarks.peers import diffusers_sdxl_refiner_pipeline
     from ldm.generation import generate
@@ -193,6 +198,7 @@ def _script(name):
     return module
 
 
+@pytest.mark.slow
 def test_scripts_run_sdxl_with_refiner_and_regenerate_bit_for_bit(xl_files, tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
@@ -219,6 +225,7 @@ def test_scripts_run_sdxl_with_refiner_and_regenerate_bit_for_bit(xl_files, tmp_
     assert not np.array_equal(np.asarray(Image.open(plain / "samples" / "00000.png")), np.asarray(Image.open(png)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["img2img", "inpaint"])
 def test_img2img_and_inpaint_scripts_run_on_sdxl(xl_files, tmp_path, monkeypatch, task):
     import numpy as np
@@ -283,6 +290,7 @@ def test_data_items_carry_micro_conditioning_and_it_reaches_the_vector(tmp_path)
     assert torch.equal(vector[0, :32], vector[1, :32]) and not torch.equal(vector[0, 32:48], vector[1, 32:48])
 
 
+@pytest.mark.slow
 def test_sdxl_lora_in_kohya_layout_loads_in_diffusers_with_the_same_images(tiny_xl, pipe, tmp_path):
     """UNet + CLIP ViT-L adapters saved as kohya writes SDXL LoRAs (CompVis UNet names, lora_te1_): diffusers'
     load_lora_weights reads the file and renders what we render; our own load_lora reads it back exactly."""

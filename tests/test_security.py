@@ -190,6 +190,7 @@ def test_resume_from_a_code_carrying_ckpt_is_refused_without_running_it(tmp_path
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_official_sd1_style_ckpt_loads_without_unsafe_pickle(tmp_path, monkeypatch):
     """sd-v1-4.ckpt pickles Lightning's ModelCheckpoint class (a dict key) and numpy scalars (numpy.core names)."""
     from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
@@ -235,6 +236,7 @@ def test_command_line_prompts_are_literal(tmp_path, tiny_ckpt, scripts, argv):
     _no_secret_anywhere(out)
 
 
+@pytest.mark.slow
 def test_prompt_files_and_png_recipes_are_literal(tmp_path, tiny_ckpt, scripts):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("${oc.env:LDM_TEST_SECRET}\n")

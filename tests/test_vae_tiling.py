@@ -47,6 +47,7 @@ def test_real_decoder_is_seamless_and_close_to_untiled():
     assert grad[borders].max() < 3 * grad.median()
 
 
+@pytest.mark.slow
 def test_generate_with_tiling_runs_and_stays_close(tmp_path):
     from ldm.generation import generate
 
