@@ -108,7 +108,7 @@ def _torch_load(p: Path, kind: str, device: str | torch.device, allow_unsafe_pic
         _check_zip_crc(p)
     try:
         # mmap only works for the zip format; legacy pickles are read into memory.
-        if allow_unsafe_pickle:
+        if allow_unsafe_pickle:  # explicit opt-in (ckpt_tool --unsafe-pickle / Python); configs and resume never pass it
             return torch.load(p, map_location=device, weights_only=False, mmap=kind == "zip")
         return safe_pickle.load(p, map_location=device, mmap=kind == "zip")
     except pickle.UnpicklingError as err:

@@ -157,8 +157,8 @@ def encode_sdxl(model: torch.nn.Module, prompts: Sequence[str], negative: Sequen
         uncond_args = (original, crop, target, options.negative_aesthetic_score)
     if getattr(model, "force_zeros_for_empty_prompt", False) and not any(negative) and not any(negative_2):
         return model.conditioner(cond_batch), model.conditioner(batch(prompts, prompts_2, *uncond_args), zero_keys=["txt"])
-    both = {k: (v + uncond[k] if isinstance(v, list) else torch.cat([v, uncond[k]]))
-            for uncond in [batch(negative, negative_2, *uncond_args)] for k, v in cond_batch.items()}
+    uncond_batch = batch(negative, negative_2, *uncond_args)
+    both = {k: v + uncond_batch[k] if isinstance(v, list) else torch.cat([v, uncond_batch[k]]) for k, v in cond_batch.items()}
     out = model.conditioner(both)  # one call: prompt and negative get the same number of token windows
     return {k: v[:n] for k, v in out.items()}, {k: v[n:] for k, v in out.items()}
 

@@ -25,6 +25,7 @@ from ldm.api import load_config, load_model
 from ldm.cli_errors import check_overrides, guarded
 from ldm.files import atomic_write, sha256_file
 from ldm.generation import check_memory, generate, prepare_for_inference
+from ldm.models.diffusion.sampling.core import MAX_SEED
 from ldm.image_io import image_to_tensor, make_grid, mask_to_tensor, open_image, read_metadata, save_png
 from ldm.run_config import (TASKS, Settings, apply_model_defaults, apply_regeneration, build_metadata, check_outdir,
                             image_seeds, literal_settings, model_sampling_defaults, override_keys, read_prompts,
@@ -227,7 +228,6 @@ def _device(name: str) -> str:
     return name
 
 
-MAX_SEED = 2**32 - 1  # torch's CPU generator keeps only the low 32 bits of a seed: larger ones would collide
 
 
 def _check_seeds(s: Settings, n_images: int) -> None:

@@ -19,6 +19,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
+from ldm.models.diffusion.sampling.core import MAX_SEED
+
 TASKS = ("txt2img", "img2img", "inpaint")
 Check = Callable[[Any], Optional[str]]  # returns what is wrong with a value, or None
 
@@ -157,7 +159,7 @@ class RunSettings(SamplingSettings):
     use_ema: bool = setting(False, "use the file's model_ema.* weights")
     n_samples: int = setting(3, "images per prompt in each iteration", check=at_least(1), recipe=False)
     n_iter: int = setting(2, "iterations", check=at_least(1), recipe=False)
-    seed: int = setting(42, "seed of the first image; image k gets seed + k", check=between(0, 2**32 - 1))
+    seed: int = setting(42, "seed of the first image; image k gets seed + k", check=between(0, MAX_SEED))
     fixed_code: bool = setting(False, "every image starts from the same noise (seed)", recipe=False)
     compile: bool = setting(False, "torch.compile the UNet (the first image pays the compilation)")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N", recipe=False)

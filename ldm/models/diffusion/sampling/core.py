@@ -46,13 +46,16 @@ def sampler_names() -> list[str]:
     return sorted(SAMPLERS)
 
 
+MAX_SEED = 2**32 - 1  # torch's CPU generator keeps only the low 32 bits of a seed: larger ones would collide
+
+
 class NoiseSource:
     """Per-image Gaussian noise from one seeded CPU generator per image."""
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        bad = [s for s in seeds if not 0 <= int(s) < 2**32]
-        if bad:  # the CPU generator keeps only 32 bits: larger seeds would silently collide
-            raise ValueError(f"seed {bad[0]} is outside [0, 2**32 - 1]; use a 32-bit seed")
+        bad = [s for s in seeds if not 0 <= int(s) <= MAX_SEED]
+        if bad:
+            raise ValueError(f"seed {bad[0]} is outside [0, {MAX_SEED}]; use a 32-bit seed")
         self.generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         self.device, self.dtype = device, dtype
 
