@@ -64,12 +64,17 @@ def load_model(
     use_ema: bool = False,
     strict: bool = True,
     allow_unsafe_pickle: bool = False,
+    share_from: Optional[torch.nn.Module] = None,
 ) -> torch.nn.Module:
     """Build the config's model and load ``ckpt`` into it (strict key match), ready for inference.
 
     ``use_ema`` picks the EMA weights (``model_ema.*``) of a file that has them; the default uses the
     raw ``model.*`` weights, as the CompVis scripts do. ``dtype`` converts floating weights.
     Without ``ckpt`` the model keeps its random initialisation.
+
+    ``share_from``: an already loaded model whose autoencoder / conditioner embedders this one reuses
+    (the same module objects, not a copy) where the file holds exactly the same weights: the SDXL
+    refiner's OpenCLIP bigG text encoder and VAE are the base's.
     """
     # Inference builds never carry an EMA copy; EMA weights are chosen from the file instead.
     node = load_config(config).copy()
@@ -84,12 +89,61 @@ def load_model(
         model = build_model(node, empty=True, **overrides)
         names = [f"model.{n}" for n, _ in model.model.named_parameters()] if hasattr(model, "model") else []
         state = split_ema(state, names, use_ema)
+        shared = share_parts(model, share_from, state) if share_from is not None else []
         try:
-            load_into_model(model, state, strict=strict, dtype=dtype, optional_keys=OPTIONAL_KEYS)
+            load_into_model(model, state, strict=strict, dtype=dtype, optional_keys=OPTIONAL_KEYS,
+                            ignore_keys=[f"{prefix}*" for prefix in shared])
         except CheckpointError as err:
             looks = guess_architecture({k: tuple(v.shape) for k, v in state.items()})
             raise CheckpointError(f"{ckpt} (looks like {looks}) does not fit config {_describe(config)}: {err}") from None
     return model.to(device).eval()
+
+
+def _shareable(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Key prefix -> part, for the parts a model may share: the autoencoder and each conditioner embedder."""
+    parts = {"first_stage_model.": model.first_stage_model} if hasattr(model, "first_stage_model") else {}
+    conditioner = dict(model.named_children()).get("conditioner")
+    for i, embedder in enumerate(getattr(conditioner, "embedders", [])):
+        parts[f"conditioner.embedders.{i}."] = embedder
+    return parts
+
+
+def share_parts(model: torch.nn.Module, other: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Put ``other``'s parts into ``model`` (empty, being loaded from ``state``) wherever ``state`` holds for that
+    part exactly ``other``'s weights; returns the key prefixes now shared (their entries in ``state`` are unused)."""
+    shared = []
+    candidates = list(_shareable(other).values())
+    for prefix, part in _shareable(model).items():
+        own = part.state_dict(keep_vars=True)
+        if not own or any(prefix + k not in state for k in own):
+            continue
+        for donor in candidates:
+            theirs = donor.state_dict()
+            if type(donor) is not type(part) or theirs.keys() != own.keys() or _settings(donor) != _settings(part):
+                continue
+            if all(state[prefix + k].shape == v.shape and torch.equal(state[prefix + k].to(v.dtype), v.cpu())
+                   for k, v in theirs.items()):
+                _replace_part(model, prefix, donor)
+                candidates.remove(donor)
+                shared.append(prefix)
+                break
+    return shared
+
+
+def _settings(module: torch.nn.Module) -> dict[str, Any]:
+    """A module's plain attributes (input keys, layer choice, ucg rate, ...): shared parts must agree on them too."""
+    return {k: v for k, v in vars(module).items()
+            if not k.startswith("_") and not isinstance(v, (torch.nn.Module, torch.Tensor)) and not callable(v)
+            and k != "training"}
+
+
+def _replace_part(model: torch.nn.Module, prefix: str, module: torch.nn.Module) -> None:
+    parent_name, _, name = prefix.rstrip(".").rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if name.isdigit():
+        parent[int(name)] = module
+    else:
+        setattr(parent, name, module)
 
 
 def save_model(model: torch.nn.Module, path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None,

@@ -16,18 +16,21 @@ import torch
 import torch.nn.functional as F
 
 from ldm.models.diffusion.sampling import sample
-from ldm.models.vae_tiling import tiled_decode
+from ldm.models.vae_tiling import tiled_decode, tiled_encode
+from ldm.offload import execution_device
 from ldm.settings import PRECISIONS, SamplingSettings, validate
 
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def prepare_for_inference(model: torch.nn.Module, precision: str = "fp32", compile: bool = False) -> torch.nn.Module:
+def prepare_for_inference(model: torch.nn.Module, precision: str = "fp32", compile: bool = False,
+                          half_vae: bool = False) -> torch.nn.Module:
     """Put a loaded model in its sampling form, in place; returns ``model``.
 
     ``bf16`` / ``fp16`` store the UNet and the text encoder in that dtype (native low-precision
     kernels: on CPUs with bf16 instructions this is much faster than autocast over fp32 weights);
-    the autoencoder follows under bf16 and stays fp32 under fp16, whose range its decoder overflows.
+    the autoencoder follows under bf16 and stays fp32 under fp16, whose range its decoder overflows
+    (``half_vae=True``: it follows under fp16 too, for a VAE fixed for fp16 such as sdxl-vae-fp16-fix).
     ``fp32`` and ``autocast`` keep fp32 weights. ``compile`` runs the UNet through ``torch.compile``
     with inductor's weight freezing, which pre-packs the weights for the CPU kernels (it sets
     ``torch._inductor.config.freezing`` for the process; inference only: later changes to the
@@ -40,7 +43,7 @@ def prepare_for_inference(model: torch.nn.Module, precision: str = "fp32", compi
         model.model.to(dtype)
         for encoder in model.conditioner.text_encoders() if hasattr(model, "conditioner") else []:
             encoder.to(dtype)
-        if precision == "bf16":
+        if precision == "bf16" or half_vae:
             model.first_stage_model.to(dtype)
     if compile:
         import torch._inductor.config
@@ -135,7 +138,7 @@ def encode_sdxl(model: torch.nn.Module, prompts: Sequence[str], negative: Sequen
     them: a prompt per text encoder, size/crop/aesthetic micro-conditioning, and (base models) zeros for an empty
     negative prompt."""
     n = len(prompts)
-    device = next(model.model.parameters()).device
+    device = execution_device(model)
     size = [height, width]
     original, target = list(options.original_size or size), list(options.target_size or size)
     crop = list(options.crops_coords_top_left)
@@ -164,9 +167,28 @@ def encode_sdxl(model: torch.nn.Module, prompts: Sequence[str], negative: Sequen
 
 
 @torch.no_grad()
-def encode_image(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
-    """Latent of images in [-1, 1] (posterior mean: deterministic, so runs are reproducible)."""
-    return model.scale_factor * model.encode_first_stage(image).mode()
+def encode_image(model: torch.nn.Module, image: torch.Tensor, tile: Optional[int] = None) -> torch.Tensor:
+    """Latent of images in [-1, 1] (posterior mean: deterministic, so runs are reproducible); ``tile``
+    (latent pixels) encodes in overlapping tiles."""
+    if tile is None:
+        posterior = model.encode_first_stage(image)
+    else:
+        first = model.first_stage_model
+        image = image.to(next(first.parameters()).dtype)
+        posterior = tiled_encode(first, image, latent_factor(model), tile, tile // 4)
+    return model.scale_factor * posterior.mode()
+
+
+@torch.no_grad()
+def decode_latents(model: torch.nn.Module, latents: torch.Tensor, tile: Optional[int] = None,
+                   slicing: bool = False) -> torch.Tensor:
+    """Images in [-1, 1] of ``latents``: whole, in overlapping tiles of ``tile`` latent pixels, and/or (``slicing``)
+    one image of the batch at a time."""
+    if slicing and latents.shape[0] > 1:
+        return torch.cat([decode_latents(model, z[None], tile) for z in latents])
+    if tile is not None:
+        return tiled_decode(model.decode_first_stage, latents, latent_factor(model), tile, tile // 4)
+    return model.decode_first_stage(latents)
 
 
 @torch.no_grad()
@@ -231,8 +253,9 @@ def _generate_batch(model, prompts: list[str], negative: list[str], seeds: list[
                     guidance_scale, guidance_rescale, eta, discretization, height, width, strength, precision, callback,
                     progress, options: SamplingSettings, refiner: Optional[torch.nn.Module] = None) -> torch.Tensor:
     weights = next(model.model.parameters())
-    device = weights.device
+    device = execution_device(model)
     f = latent_factor(model)
+    tile = options.vae_tile_size if options.vae_tiling else None
     shape = (model.channels, height // f, width // f)
 
     with precision_context(precision, device, weights.dtype):
@@ -243,7 +266,8 @@ def _generate_batch(model, prompts: list[str], negative: list[str], seeds: list[
         init_latent = keep = None
         if init_image is not None:
             init_image = _fit(init_image, len(prompts), height, width, "init image").to(device)
-            init_latent = encode_image(model, init_image).float()
+            init_latent = encode_image(model, init_image, tile).float()
+        source_latent = init_latent
         if mask is not None:
             if init_image is None:
                 raise ValueError("inpainting needs init_image as well as mask")
@@ -273,23 +297,24 @@ def _generate_batch(model, prompts: list[str], negative: list[str], seeds: list[
     if refiner is not None:
         model = refiner
         weights = next(model.model.parameters())
+        # An ordinary (4-channel) refiner keeps the unmasked region by latent blending, whatever the base was.
+        refine_keep = None if mask is None else 1 - F.interpolate(mask, size=shape[1:], mode="nearest")
         with precision_context(precision, device, weights.dtype):
             cond, uncond = encode_sdxl(model, prompts, negative, options, height, width)
             common = dict(uncond=uncond, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                           sampler=sampler, steps=steps, shape=shape, seeds=seeds, eta=eta,
-                          discretization=discretization, callback=callback, progress=progress)
+                          discretization=discretization, callback=callback, progress=progress, keep_mask=refine_keep)
             if ensemble:
-                latents = sample(model, cond, denoising_start=options.refiner_switch, noisy_latent=latents, **common)
-            else:
-                latents = sample(model, cond, init_latent=latents, strength=options.refiner_strength, **common)
-    # fp16 VAE decoding overflows; decode in full precision unless bf16 was asked for.
+                latents = sample(model, cond, denoising_start=options.refiner_switch, noisy_latent=latents,
+                                 init_latent=source_latent, **common)
+            else:  # img2img on the finished latents; in the kept region they equal the source already
+                latents = sample(model, cond, init_latent=latents if refine_keep is None else source_latent,
+                                 strength=options.refiner_strength, start_latent=latents, **common)
+    # fp16 VAE decoding overflows; decode in full precision unless bf16 was asked for (or the VAE is stored in fp16:
+    # a VAE fixed for it).
     first_dtype = next(model.first_stage_model.parameters()).dtype
     with precision_context("bf16" if precision == "bf16" else "fp32", device, first_dtype):
-        if options.vae_tiling:
-            tile = options.vae_tile_size
-            images = tiled_decode(model.decode_first_stage, latents, latent_factor(model), tile, tile // 4)
-        else:
-            images = model.decode_first_stage(latents)
+        images = decode_latents(model, latents, tile, options.vae_slicing)
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 

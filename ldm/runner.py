@@ -24,6 +24,8 @@ from ldm import settings as declaration
 from ldm.api import load_config, load_model
 from ldm.cli_errors import check_overrides, guarded
 from ldm.files import atomic_write, sha256_file
+from ldm.offload import enable_offload
+from ldm.vae_file import replace_vae
 from ldm.generation import check_memory, generate, prepare_for_inference
 from ldm.models.diffusion.sampling.core import MAX_SEED
 from ldm.image_io import image_to_tensor, make_grid, mask_to_tensor, open_image, read_metadata, save_png
@@ -101,6 +103,14 @@ def prepare(cfg: Mapping[str, Any], task: str, user_keys: Iterable[str] = ()) ->
         job.inputs["refiner_sha256"] = sha256_file(job.refiner[1])
     elif s.refiner_config is not None:
         raise ValueError("refiner_config needs refiner_ckpt (--refiner FILE)")
+    if s.vae is not None:
+        if not Path(s.vae).is_file():
+            raise ValueError(f"VAE file {s.vae!r} not found; pass the path of a .safetensors/.ckpt VAE")
+        s.vae = str(Path(s.vae).absolute())
+        job.inputs["vae_sha256"] = sha256_file(s.vae)
+    if s.offload == "sequential" and s.compile:
+        raise ValueError("compile and offload=sequential do not go together (the layers move during the call); "
+                         "drop one, or use offload=model")
     job.model_sha256 = sha256_file(ckpt)
     if meta is not None:
         _check_recorded_hashes(job, meta, cfg.regenerate)
@@ -111,12 +121,31 @@ def execute(job: Job, model: Optional[torch.nn.Module] = None, *, progress: bool
             refiner: Optional[torch.nn.Module] = None) -> RunResult:
     """Generate ``job``'s images and write them, the grid and ``config.yaml`` into its outdir."""
     s = job.settings
-    if model is None:
-        model = load_model(job.config, job.ckpt, device=s.device, use_ema=bool(s.use_ema))
-        prepare_for_inference(model, s.precision, compile=bool(s.get("compile", False)))
-    if refiner is None and job.refiner is not None:
-        refiner = load_model(*job.refiner, device=s.device)
-        prepare_for_inference(refiner, s.precision, compile=bool(s.get("compile", False)))
+    offload = s.get("offload", "none")
+    load_on = "cpu" if offload != "none" else s.device
+    fresh = model is None
+    if fresh:
+        model = load_model(job.config, job.ckpt, device=load_on, use_ema=bool(s.use_ema))
+    fresh_refiner = refiner is None and job.refiner is not None
+    if fresh_refiner:  # text encoder 2 and the VAE are the base's own modules when the file holds the same weights
+        refiner = load_model(*job.refiner, device=load_on, share_from=model)
+    if s.get("vae"):
+        replace_vae(model, s.vae)
+        if refiner is not None:
+            refiner.first_stage_model = model.first_stage_model
+    compile_ = bool(s.get("compile", False))
+    for part, new in ((model, fresh), (refiner, fresh_refiner)):
+        if new:
+            prepare_for_inference(part, s.precision, compile=compile_, half_vae=bool(s.get("vae")))
+    hooks = enable_offload([m for m in (model, refiner) if m is not None], s.device, offload)
+    try:
+        return _execute(job, model, refiner, progress)
+    finally:
+        if hooks is not None:  # a caller's model is handed back as it came, not wired to move around
+            hooks.remove()
+
+
+def _execute(job: Job, model: torch.nn.Module, refiner: Optional[torch.nn.Module], progress: bool) -> RunResult:
     sample_dir = job.outdir / "samples"
     new_dirs = [d for d in (job.outdir, sample_dir) if not d.exists()]
     written: list[Path] = []
@@ -283,6 +312,8 @@ def _check_recorded_hashes(job: Job, meta: dict, png: str) -> None:
     current = {"model_sha256": (job.ckpt, job.model_sha256)}
     if job.refiner is not None:
         current["refiner_sha256"] = (job.refiner[1], job.inputs["refiner_sha256"])
+    if "vae_sha256" in job.inputs:
+        current["vae_sha256"] = (job.settings.vae, job.inputs["vae_sha256"])
     for key in ("init_img", "mask"):
         if key in job.inputs:
             current[f"{key}_sha256"] = (job.inputs[key], job.inputs[f"{key}_sha256"])

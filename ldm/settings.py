@@ -138,10 +138,12 @@ class SamplingSettings:
     refiner_strength: Optional[float] = setting(None, "SDXL refiner as img2img after the whole base run, with this "
                                                 "strength; null = ensemble of experts at refiner_switch",
                                                 check=between(0, 1))
-    vae_tiling: bool = setting(False, "decode in overlapping tiles (blended, no seams): peak memory follows the tile, "
-                               "for large images; slightly different pixels")
-    vae_tile_size: int = setting(64, "latent pixels per decode tile (x8 image pixels), overlapping by a quarter",
+    vae_tiling: bool = setting(False, "decode (and encode init images) in overlapping tiles, blended, no seams: peak "
+                               "memory follows the tile, for large images; slightly different pixels")
+    vae_tile_size: int = setting(64, "latent pixels per VAE tile (x8 image pixels), overlapping by a quarter",
                                  check=at_least(16))
+    vae_slicing: bool = setting(False, "decode a batch one image at a time (same pixels, less memory; for "
+                                "batch_invariant=false, which otherwise decodes the batch at once)")
     precision: str = setting("fp32", "fp32 | bf16 | fp16 (weights in that dtype) | autocast (CompVis: full)",
                              choices=_precisions, value_aliases={"full": "fp32"})
     batch_invariant: bool = setting(True, "compute each image on its own: bit-identical whatever else is in the batch")
@@ -162,6 +164,11 @@ class RunSettings(SamplingSettings):
     seed: int = setting(42, "seed of the first image; image k gets seed + k", check=between(0, MAX_SEED))
     fixed_code: bool = setting(False, "every image starts from the same noise (seed)", recipe=False)
     compile: bool = setting(False, "torch.compile the UNet (the first image pays the compilation)")
+    vae: Optional[str] = setting(None, "a VAE weights file that replaces the model's autoencoder (CompVis or diffusers "
+                                 "keys), e.g. sdxl-vae-fp16-fix: under precision=fp16 it then decodes in fp16")
+    offload: str = setting("none", "none | model (one part on the device at a time: text encoders, UNet, VAE) | "
+                           "sequential (one layer at a time; least memory, slowest); for GPUs", recipe=False,
+                           choices=lambda: ["none", "model", "sequential"])
     device: str = setting("auto", "auto | cpu | cuda | cuda:N", recipe=False)
     outdir: str = setting("outputs/txt2img-samples", "output folder", recipe=False,
                           task_defaults={"img2img": "outputs/img2img-samples", "inpaint": "outputs/inpainting-samples"})

@@ -19,6 +19,7 @@ from ldm.models.diffusion.sampling import solvers
 from ldm.models.diffusion.sampling.denoiser import DiscreteDenoiser
 from ldm.models.diffusion.sampling.discretization import get_sigmas
 from ldm.models.diffusion.sampling.guidance import CFGDenoiser, MaskedDenoiser
+from ldm.offload import execution_device
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,14 @@ def sample(
     denoising_start: Optional[float] = None,
     denoising_end: Optional[float] = None,
     noisy_latent: Optional[torch.Tensor] = None,
+    start_latent: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sample latents (in the model's own latent scale: decode with ``decode_first_stage``).
 
     ``x_T``: unit-variance starting noise (else drawn from ``seeds``). ``init_latent`` + ``strength``:
     SDEdit img2img, running the last ``int(strength * steps)`` steps from ``init_latent`` noised to
-    that level. ``keep_mask`` (1 = keep ``init_latent``) inpaints with an ordinary model.
+    that level. ``keep_mask`` (1 = keep ``init_latent``) inpaints with an ordinary model: from pure noise, or
+    with ``strength < 1`` from ``start_latent`` (default ``init_latent``) noised to that level.
     ``sigmas`` (descending, last = end level) overrides ``steps``/``discretization``.
 
     Ensemble of expert denoisers (SDXL base + refiner, as diffusers' ``denoising_end`` / ``denoising_start``):
@@ -116,7 +119,7 @@ def sample(
         else:
             options["eta"] = float(eta)
     den = denoiser or DiscreteDenoiser(model)
-    device = next(model.parameters()).device
+    device = execution_device(model)
     dtype = torch.float32
     if sigmas is None:
         sigmas = get_sigmas(den, discretization or spec.discretization, steps, spec.final)
@@ -140,13 +143,14 @@ def sample(
         if noisy_latent is None:
             raise ValueError("denoising_start needs noisy_latent (the latent the first expert stopped at)")
         x = noisy_latent.to(device, dtype) * (1 + sigmas[0] ** 2).sqrt()
-    elif init_latent is not None and keep_mask is None:
+    elif init_latent is not None and (keep_mask is None or strength < 1):
+        start_from = init_latent if start_latent is None else start_latent
         n = len(sigmas) - 1
         t_enc = int(strength * n)
         if t_enc == 0:
-            return init_latent
+            return start_from
         sigmas = sigmas[n - t_enc:]
-        x = init_latent.to(device, dtype) + sigmas[0] * x_T
+        x = start_from.to(device, dtype) + sigmas[0] * x_T
     else:
         x = x_T * (1 + sigmas[0] ** 2).sqrt()
 
@@ -169,7 +173,10 @@ def sample(
     finally:
         bar.close()
     z = x / (1 + sigmas[-1] ** 2).sqrt()
-    if keep_mask is not None:
+    if keep_mask is not None and denoising_end is not None:  # hand-off: the kept region at the level reached
+        known = (init_latent.to(device, dtype) + sigmas[-1] * x_T) / (1 + sigmas[-1] ** 2).sqrt()
+        z = keep * known + (1 - keep) * z
+    elif keep_mask is not None:
         z = keep * init_latent.to(device, dtype) + (1 - keep) * z
     return z
 
