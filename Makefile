@@ -16,10 +16,10 @@ demo-model: setup
 	$(PY) scripts/build_demo.py
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto tests
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n auto -m "not slow" tests
 
 bench-load: setup
 	$(PY) benchmarks/bench_load.py

@@ -88,8 +88,14 @@ def test_training_from_the_cache_matches_training_from_images(tmp_path):
     b = torch.load(tmp_path / "cached" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     ckpt = torch.load(tmp_path / "cached" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4
-    for k in a:  # same random draws in the same order: the same run up to float rounding of batched encoding
-        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    # Same random draws in the same order: the same run up to float rounding of batched encoding, which Adam
+    # can amplify to ~1e-5 on weights whose gradient is near zero. A different run (other batches, other noise)
+    # moves every weight by ~lr per step: a whole-model relative difference of ~1e-3.
+    diff = sum(float((b[k].float() - a[k].float()).pow(2).sum()) for k in a) ** 0.5
+    norm = sum(float(a[k].float().pow(2).sum()) for k in a) ** 0.5
+    assert diff / norm < 1e-5, diff / norm
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
     assert res.returncode == 0
 
 
