@@ -88,6 +88,36 @@ def test_k_samplers_match_diffusers(setup, ours_name, scheduler_cls, extra):
     assert rel_err(ours, ref) < 2e-5
 
 
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("steps", [8, 20])  # below 15 steps both lower the order of the last steps
+def test_dpm_solver_multistep_matches_diffusers(setup, order, steps):
+    from ldm.models.diffusion.sampling import solvers
+
+    model, unet, c, uc, x_T, common = setup
+    scheduler = diffusers.DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=order)
+    scheduler.set_timesteps(steps)
+    latents = x_T * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            inp = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            out_u, out_c = unet(inp, t, encoder_hidden_states=torch.cat([uc, c])).sample.chunk(2)
+            latents = scheduler.step(out_u + SCALE * (out_c - out_u), t, latents).prev_sample
+    sigmas = sigmas_from_timesteps(DiscreteDenoiser(model), scheduler.timesteps.numpy()[::-1].copy(), final="zero")
+    if order == 3:
+        ours = sample(model, c, uncond=uc, guidance_scale=SCALE, sampler="dpmpp_3m", sigmas=sigmas, x_T=x_T,
+                      progress=False)
+    else:
+        ours = sample(model, c, uncond=uc, guidance_scale=SCALE, sampler="dpmpp_2m", sigmas=sigmas, x_T=x_T,
+                      progress=False, solver=lambda *a, **k: solvers.sample_dpmpp_multistep(*a, **k, order=2))
+    print(f"DPM-Solver++ order {order}, {steps} steps ({model.parameterization}) vs diffusers: {rel_err(ours, latents):.1e}")
+    assert latents.std() > 0.1
+    assert rel_err(ours, latents) < 2e-5
+    if order == 3:  # and the third order is really used: the second-order result differs
+        second = sample(model, c, uncond=uc, guidance_scale=SCALE, sampler="dpmpp_2m", sigmas=sigmas, x_T=x_T,
+                        progress=False)
+        assert rel_err(second, latents) > 1e-4
+
+
 def test_plms_relation_to_pndm(setup):
     """PLMS (CompVis) is diffusers' PNDM with skip_prk_steps=True for eps models: same warm-up, same formula.
 

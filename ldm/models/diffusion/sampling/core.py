@@ -39,6 +39,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "euler_a": SamplerSpec(solvers.sample_ancestral, "karras", "zero", {"eta": 1.0}, stochastic=True),
     "heun": SamplerSpec(solvers.sample_heun, "karras"),
     "dpmpp_2m": SamplerSpec(solvers.sample_dpmpp_2m, "karras"),
+    "dpmpp_3m": SamplerSpec(solvers.sample_dpmpp_3m, "karras"),
     "dpmpp_2m_sde": SamplerSpec(solvers.sample_dpmpp_2m_sde, "karras", "zero", {"eta": 1.0}, stochastic=True),
 }
 
@@ -92,6 +93,7 @@ def sample(
     denoising_end: Optional[float] = None,
     noisy_latent: Optional[torch.Tensor] = None,
     start_latent: Optional[torch.Tensor] = None,
+    solver: Optional[Callable[..., torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Sample latents (in the model's own latent scale: decode with ``decode_first_stage``).
 
@@ -99,7 +101,8 @@ def sample(
     SDEdit img2img, running the last ``int(strength * steps)`` steps from ``init_latent`` noised to
     that level. ``keep_mask`` (1 = keep ``init_latent``) inpaints with an ordinary model: from pure noise, or
     with ``strength < 1`` from ``start_latent`` (default ``init_latent``) noised to that level.
-    ``sigmas`` (descending, last = end level) overrides ``steps``/``discretization``.
+    ``sigmas`` (descending, last = end level) overrides ``steps``/``discretization``; ``solver`` (a function
+    of :mod:`solvers`' form) overrides the sampler's own, e.g. DPM-Solver++ of another order.
 
     Ensemble of expert denoisers (SDXL base + refiner, as diffusers' ``denoising_end`` / ``denoising_start``):
     ``denoising_end=f`` runs only the steps at training timesteps >= ``round(T - f * T)`` and returns the
@@ -169,7 +172,7 @@ def sample(
             callback({"i": start + i, "x": x_i, "sigma": sigmas[i], "denoised": x0, "total": start + len(sigmas) - 1})
 
     try:
-        x = spec.fn(denoise, x, sigmas, on_step, noise=step_noise, **options)
+        x = (solver or spec.fn)(denoise, x, sigmas, on_step, noise=step_noise, **({} if solver else options))
     finally:
         bar.close()
     z = x / (1 + sigmas[-1] ** 2).sqrt()

@@ -125,3 +125,56 @@ def sample_dpmpp_2m(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, ste
     """DPM-Solver++(2M) (Lu et al. 2022): the SDE form above without noise, i.e. multistep in log-sigma
     with first-order first and last steps."""
     return sample_dpmpp_2m_sde(denoise, x, sigmas, step, noise, eta=0.0)
+
+
+@torch.no_grad()
+def sample_dpmpp_multistep(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, step: Step,
+                           noise: Optional[Noise] = None, order: int = 3, lower_order_final: bool = True) -> torch.Tensor:
+    """DPM-Solver++ multistep of ``order`` 1-3 (Lu et al. 2022), data prediction, in lambda = -log sigma.
+
+    The order grows with the history (first step first order, second step at most second). As in the
+    reference implementation and diffusers' ``DPMSolverMultistepScheduler``, ``lower_order_final`` lowers
+    the order near the end of short runs (fewer than 15 steps: the last step first order, the one before
+    at most second), which keeps few-step sampling stable; a step to sigma = 0 returns the prediction.
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
+    n = len(sigmas) - 1
+    history: list[tuple[torch.Tensor, torch.Tensor]] = []  # (x0 prediction, lambda) of earlier steps, newest last
+    for i in range(n):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = denoise(x, _sig(s, x))
+        step(i, x, x0)
+        if s_next == 0:
+            x = x0
+            continue
+        if s_next == s:  # a repeated level (e.g. a schedule ending at sigma_min, then "t0" = sigma_min): no move
+            continue
+        lam, h = -s.log(), s.log() - s_next.log()
+        use = min(order, len(history) + 1)
+        if lower_order_final and n < 15:
+            use = min(use, n - i)  # last step: 1, the one before: at most 2
+        phi = torch.expm1(-h)  # e^-h - 1
+        x_next = (s_next / s) * x - phi * x0
+        if use >= 2:
+            m1, lam1 = history[-1]
+            r0 = (lam - lam1) / h
+            d1_0 = (x0 - m1) / r0
+            if use == 2:
+                x_next = x_next - 0.5 * phi * d1_0
+            else:
+                m2, lam2 = history[-2]
+                r1 = (lam1 - lam2) / h
+                d1_1 = (m1 - m2) / r1
+                d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x_next = x_next + (phi / h + 1) * d1 - ((phi + h) / h**2 - 0.5) * d2
+        history = (history + [(x0, lam)])[-2:]
+        x = x_next
+    return x
+
+
+def sample_dpmpp_3m(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, step: Step,
+                    noise: Optional[Noise] = None) -> torch.Tensor:
+    """DPM-Solver++(3M): third-order multistep (see :func:`sample_dpmpp_multistep`)."""
+    return sample_dpmpp_multistep(denoise, x, sigmas, step, noise, order=3)
