@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
+import torch
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -242,8 +244,163 @@ def check_config_targets(config: Any) -> None:
             check_config_targets(value)
 
 
-def count_params(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
+# ---- CompVis / SD 2 ``ldm.util`` helpers ------------------------------------------------------------
+
+def exists(x: Any) -> bool:
+    """``x is not None``."""
+    return x is not None
+
+
+def default(val: Any, d: Any) -> Any:
+    """``val`` unless it is None; then ``d``, called first when it is a function (a lazy default)."""
+    if exists(val):
+        return val
+    return d() if inspect.isfunction(d) else d
+
+
+def ismap(x: Any) -> bool:
+    """A [B, C, H, W] tensor with more than 3 channels (a feature / segmentation map, not an image)."""
+    return isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] > 3
+
+
+def isimage(x: Any) -> bool:
+    """A [B, C, H, W] tensor with 1 or 3 channels."""
+    return isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] in (1, 3)
+
+
+def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean over every dimension but the first (batch) one."""
+    return tensor.mean(dim=list(range(1, tensor.dim())))
+
+
+def count_params(model: Any, verbose: bool = False) -> int:
+    """Number of parameters of ``model``; ``verbose`` also prints it in millions."""
+    total = sum(p.numel() for p in model.parameters())
+    if verbose:
+        print(f"{model.__class__.__name__} has {total * 1.e-6:.2f} M params.")
+    return total
+
+
+def _caption_font(size: int) -> Any:
+    """PIL's bundled default font at ``size`` pixels (scalable where PIL has FreeType); never a download."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=max(1, int(size)))
+    except TypeError:  # Pillow < 10.1: the fixed-size bitmap font only
+        return ImageFont.load_default()
+
+
+def log_txt_as_img(wh: tuple[int, int], xc: Iterable[str], size: int = 10) -> torch.Tensor:
+    """Captions drawn black on white: a float tensor [B, 3, H, W] in [-1, 1] for ``wh = (W, H)``.
+
+    Lines wrap every ``40 * W / 256`` characters, as CompVis' image loggers lay them out.
+    """
+    from PIL import Image, ImageDraw
+
+    width, height = int(wh[0]), int(wh[1])
+    font = _caption_font(size)
+    per_line = max(1, int(40 * (width / 256)))
+    images = []
+    for caption in xc:
+        caption = str(caption)
+        canvas = Image.new("RGB", (width, height), color="white")
+        lines = "\n".join(caption[i:i + per_line] for i in range(0, len(caption), per_line))
+        try:
+            ImageDraw.Draw(canvas).text((0, 0), lines, fill="black", font=font)
+        except UnicodeEncodeError:  # the bitmap fallback font is Latin-1 only: leave the image blank
+            print("Cannot encode a caption for logging; skipping it.")
+        images.append(torch.from_numpy(np.asarray(canvas, dtype=np.float32).transpose(2, 0, 1).copy()))
+    if not images:
+        return torch.zeros(0, 3, height, width)
+    return torch.stack(images) / 127.5 - 1.0
+
+
+def autocast(f: Any) -> Any:
+    """Decorator (SD 2): run ``f`` under CUDA autocast with the current autocast dtype and cache setting."""
+    import functools
+
+    @functools.wraps(f)
+    def do_autocast(*args: Any, **kwargs: Any) -> Any:
+        get_dtype = getattr(torch, "get_autocast_dtype", None)
+        dtype = get_dtype("cuda") if get_dtype is not None else torch.get_autocast_gpu_dtype()
+        with torch.autocast("cuda", enabled=True, dtype=dtype, cache_enabled=torch.is_autocast_cache_enabled()):
+            return f(*args, **kwargs)
+
+    return do_autocast
+
+
+class AdamWwithEMAandWings(torch.optim.AdamW):
+    """AdamW that also keeps an EMA of every parameter it updates (SD 2's optimizer).
+
+    The average lives in ``optimizer.state[p]["param_exp_avg"]`` (float32); its decay warms up as
+    ``min(ema_decay, 1 - step ** -ema_power)``. ``param_names`` is recorded in the param groups.
+    """
+
+    def __init__(self, params: Any, lr: float = 1.e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1.e-8,
+                 weight_decay: float = 1.e-2, amsgrad: bool = False, ema_decay: float = 0.9999,
+                 ema_power: float = 1., param_names: Iterable[str] = ()):
+        if not 0.0 <= ema_decay <= 1.0:
+            raise ValueError(f"Invalid ema_decay value: {ema_decay}")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        for group in self.param_groups:
+            group.setdefault("ema_decay", ema_decay)
+            group.setdefault("ema_power", ema_power)
+            group.setdefault("param_names", tuple(param_names))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                n = state.get("ema_step", 0) + 1
+                state["ema_step"] = n
+                if "param_exp_avg" not in state:
+                    state["param_exp_avg"] = p.detach().float().clone()
+                    continue  # the first average is the parameter itself (decay 0 at step 1)
+                decay = min(group["ema_decay"], 1 - n ** -group["ema_power"])
+                state["param_exp_avg"].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
+        return loss
+
+
+def parallel_data_prefetch(func: Any, data: Any, n_proc: int, target_data_type: str = "ndarray",
+                           cpu_intensive: bool = True, use_worker_id: bool = False) -> Any:
+    """Apply ``func`` to ``n_proc`` contiguous parts of ``data`` in parallel and join the results in order.
+
+    Processes when ``cpu_intensive`` (``func`` must then be picklable), threads otherwise;
+    ``use_worker_id`` calls ``func(part, worker_id=i)``. ``target_data_type`` "ndarray" concatenates the
+    parts' results along axis 0, "list" chains them, anything else returns the list of per-part results.
+    """
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    if isinstance(data, np.ndarray) and target_data_type == "list":
+        raise ValueError("list expected but function got ndarray.")
+    if isinstance(data, Mapping):
+        print('WARNING: "data" passed to parallel_data_prefetch is a dict: using only its values.')
+        data = list(data.values())
+    if not isinstance(data, (np.ndarray, Iterable)) or isinstance(data, (str, bytes)):
+        raise TypeError(f"data to process in parallel must be an np.ndarray or an iterable, got {type(data).__name__}")
+    if n_proc < 1:
+        raise ValueError(f"n_proc must be >= 1, got {n_proc}")
+    if target_data_type == "ndarray":
+        parts = list(np.array_split(np.asarray(data), n_proc))
+    else:
+        data = list(data)
+        step = -(-len(data) // n_proc) or 1
+        parts = [data[i:i + step] for i in range(0, len(data), step)]
+    pool_cls = ProcessPoolExecutor if cpu_intensive else ThreadPoolExecutor
+    with pool_cls(max_workers=max(1, len(parts))) as pool:
+        futures = [pool.submit(func, part, worker_id=i) if use_worker_id else pool.submit(func, part)
+                   for i, part in enumerate(parts)]
+        results = [f.result() for f in futures]
+    if target_data_type == "ndarray":
+        return np.concatenate([np.asarray(r) for r in results], axis=0)
+    if target_data_type == "list":
+        return [item for r in results for item in r]
+    return results
 
 
 def images_to_bchw(x: Any) -> Any:

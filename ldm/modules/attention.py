@@ -15,11 +15,32 @@ from torch import nn
 from ldm.modules.diffusionmodules.util import checkpoint, zero_module
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Multi-head attention over [B, N, heads*d] tensors; returns [B, N, heads*d]."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Multi-head attention over [B, N, heads*d] tensors; returns [B, N, heads*d].
+
+    ``mask``: boolean [B, N_keys] (or [B, ...] flattening to N_keys), True = attend; see :func:`key_mask_bias`.
+    """
     q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
+    bias = None if mask is None else key_mask_bias(mask.to(q.device), q.shape[0], k.shape[2], q.dtype)[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     return rearrange(out, "b h n d -> b n (h d)")
+
+
+def key_mask_bias(mask: torch.Tensor, batch: int, n_keys: int, dtype: torch.dtype) -> torch.Tensor:
+    """An additive [B, N_keys] bias from a CompVis key mask: 0 where True, a huge negative finite value where
+    False, so masked keys get no weight and a row with every key masked attends uniformly (CompVis'
+    ``masked_fill`` behaviour) instead of producing NaN. Half the dtype's range keeps ``score + bias`` finite
+    in float16 too."""
+    mask = mask.reshape(mask.shape[0], -1)
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point():
+            raise TypeError(f"attention mask must be boolean (True = attend), got {mask.dtype}")
+        mask = mask != 0
+    if mask.shape[1] != n_keys or mask.shape[0] not in (1, batch):
+        raise ValueError(f"attention mask of shape {tuple(mask.shape)} does not match batch {batch} x {n_keys} keys")
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return bias.masked_fill(~mask, -torch.finfo(dtype).max / 2).expand(batch, n_keys)
 
 
 class GEGLU(nn.Module):
@@ -45,23 +66,31 @@ class FeedForward(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Attention of ``x`` over ``context`` (self-attention when context is None)."""
+    """Attention of ``x`` over ``context`` (self-attention when context is None).
+
+    CompVis' attributes and call: ``scale`` (dim_head ** -0.5), ``heads``, ``to_q``/``to_k``/``to_v``/``to_out``
+    and ``forward(x, context=None, mask=None)``. Transformer blocks call it as a module, so code that replaces
+    ``CrossAttention.forward`` (or an instance's ``forward``), e.g. prompt-to-prompt attention control, runs
+    in every attention layer of the UNet.
+    """
 
     def __init__(self, query_dim: int, context_dim: Optional[int] = None, heads: int = 8, dim_head: int = 64, dropout: float = 0.0):
         super().__init__()
         inner_dim = dim_head * heads
         context_dim = context_dim or query_dim
+        self.scale = dim_head ** -0.5
         self.heads = heads
+        self.dim_head = dim_head
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, mask=None) -> torch.Tensor:
-        if mask is not None:
-            raise NotImplementedError("attention masks are not supported by CrossAttention")
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``mask``: boolean [B, N_context] (True = attend), the same for every head and query; masked keys
+        get no attention weight."""
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, mask)
         return self.to_out(out)
 
 

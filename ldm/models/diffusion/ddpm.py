@@ -3,17 +3,19 @@
 This file holds the models and the diffusion math (schedule buffers, noising, the loss).
 The Lightning training surface lives in ``training.py``; samplers only need
 ``apply_model``, the schedule buffers and the first/cond stage helpers defined here.
+CompVis' ancestral sampling and ``log_images`` methods come from ``compvis_api.py``.
 """
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-import lightning.pytorch as pl
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ldm.models.diffusion import schedule as sched
+from ldm.models.diffusion.compvis_api import DDPMSamplingMixin, LatentSamplingMixin
 from ldm.models.diffusion.training import DiffusionTrainingMixin
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -44,7 +46,7 @@ class DiffusionWrapper(nn.Module):
         return self.diffusion_model(x, t, context=context, y=y)
 
 
-class DDPM(DiffusionTrainingMixin, pl.LightningModule):
+class DDPM(DiffusionTrainingMixin, DDPMSamplingMixin, pl.LightningModule):
     """A denoising diffusion model in data space with a discrete schedule."""
 
     def __init__(
@@ -203,7 +205,7 @@ class DDPM(DiffusionTrainingMixin, pl.LightningModule):
         return self(self.get_input(batch, self.first_stage_key))
 
 
-class LatentDiffusion(DDPM):
+class LatentDiffusion(LatentSamplingMixin, DDPM):
     """Diffusion in the latent space of a first stage, conditioned by a cond stage."""
 
     def __init__(
@@ -333,26 +335,36 @@ class LatentDiffusion(DDPM):
             return batch
         return self.conditioner.drop(batch, self.ucg_training)
 
-    def get_input(self, batch: dict, k: str, cond_key: Optional[str] = None, bs: Optional[int] = None,
-                  force_c_encode: bool = False, return_first_stage_outputs: bool = False, **kwargs):
-        """(z, c): latents of ``batch[k]`` and the (encoded unless trainable) conditioning."""
+    def get_input(self, batch: dict, k: str, return_first_stage_outputs: bool = False, force_c_encode: bool = False,
+                  cond_key: Optional[str] = None, return_original_cond: bool = False, bs: Optional[int] = None,
+                  return_x: bool = False, **kwargs):
+        """[z, c]: latents of ``batch[k]`` and the (encoded unless trainable) conditioning (CompVis order).
+
+        ``return_first_stage_outputs`` appends the images x and their reconstruction, ``return_x`` x,
+        ``return_original_cond`` the raw conditioning input (e.g. the captions)."""
         if "moments" in batch:  # from ldm.data.latent_cache: the encoders already ran
-            return self._get_cached_input(batch, bs, return_first_stage_outputs)
+            return self._get_cached_input(batch, bs, return_first_stage_outputs, return_original_cond, return_x)
         batch = self.drop_conditioning(batch)
         x = images_to_bchw(batch[k])[:bs]
         with torch.no_grad():
             z = self.get_first_stage_encoding(self.encode_first_stage(x.to(self.device))).detach()
-        c = None
+        c = xc = None
         if self.model.conditioning_key is not None and not self.force_unconditional():
             cond_key = cond_key or self.cond_stage_key
             xc = batch[cond_key] if cond_key not in ("image", k) else x
             xc = xc[:bs] if bs is not None else xc
             c = self.get_learned_conditioning(xc) if (not self.cond_stage_trainable or force_c_encode) else xc
+        out = [z, c]
         if return_first_stage_outputs:
-            return [z, c, x, self.decode_first_stage(z)]
-        return [z, c]
+            out += [x, self.decode_first_stage(z)]
+        if return_x:
+            out.append(x)
+        if return_original_cond:
+            out.append(xc)
+        return out
 
-    def _get_cached_input(self, batch: dict, bs: Optional[int], return_first_stage_outputs: bool):
+    def _get_cached_input(self, batch: dict, bs: Optional[int], return_first_stage_outputs: bool,
+                          return_original_cond: bool = False, return_x: bool = False):
         """(z, c) from cached posterior moments and contexts, drawing randomness in the uncached order."""
         dropped = self.drop_conditioning(batch)
         moments = batch["moments"][:bs].to(self.device, torch.float32)
@@ -370,9 +382,15 @@ class LatentDiffusion(DDPM):
             else:  # the text encoder trains: encode captions now
                 xc = dropped[key][:bs] if bs is not None else dropped[key]
                 c = self.get_learned_conditioning(xc) if not self.cond_stage_trainable else xc
+        out = [z, c]
         if return_first_stage_outputs:
-            return [z, c, None, self.decode_first_stage(z)]
-        return [z, c]
+            out += [None, self.decode_first_stage(z)]
+        if return_x:
+            out.append(None)
+        if return_original_cond:
+            key = self.cond_stage_key
+            out.append(batch[key][:bs] if key in batch else None)
+        return out
 
     @torch.no_grad()
     def _null_context(self, value: str) -> torch.Tensor:
