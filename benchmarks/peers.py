@@ -5,8 +5,6 @@ single-file conversion utilities, and the HF CLIP tokenizer from open_clip's shi
 """
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 
 import torch
@@ -14,18 +12,14 @@ from omegaconf import OmegaConf
 
 
 def write_hf_clip_tokenizer_files(folder: Path) -> Path:
-    """vocab.json + merges.txt of OpenAI's CLIP BPE, derived from the table open_clip ships."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    """vocab.json + merges.txt of OpenAI's CLIP BPE (derived from the table open_clip ships) in ``folder``."""
+    import shutil
 
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    vocab = list(bytes_to_unicode().values())
-    vocab += [v + "</w>" for v in vocab]
-    vocab += ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    from ldm.modules.encoders.tokenizer import _tokenizer_folder
+
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(Path(_tokenizer_folder()) / name, folder / name)
     return folder
 
 

@@ -14,8 +14,9 @@ import open_clip
 import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
+from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
 
-from ldm.modules.encoders.tokenizer import CLIPTokenizer
+from ldm.modules.encoders.tokenizer import CLIPTokenizer, chunked_ids, clip_tokenizer
 
 
 class AbstractEncoder(nn.Module):
@@ -28,11 +29,18 @@ class AbstractEncoder(nn.Module):
 class TextEncoder(AbstractEncoder):
     """What the CLIP-style text encoders share: device following, freezing, tokenizing, ``encode``."""
 
-    tokenizer: CLIPTokenizer
+    tokenizer: Any  # ours (OpenCLIP side) or transformers' CLIPTokenizer (CLIP side)
 
     @property
     def device(self) -> torch.device:
+        """Where the weights are: inputs always follow them."""
         return _module_device(self)
+
+    @device.setter
+    def device(self, value: Any) -> None:
+        # CompVis / SD 2 scripts assign it (``model.cond_stage_model.device = "cpu"``) after moving the model;
+        # the value is checked and recorded, but tokens still go where the weights are, so they can never disagree.
+        self.__dict__["requested_device"] = torch.device(value)
 
     def freeze(self) -> None:
         """Eval mode and no gradients for every parameter."""
@@ -40,6 +48,10 @@ class TextEncoder(AbstractEncoder):
 
     def tokenize(self, text: str | Sequence[str]) -> torch.LongTensor:
         return self.tokenizer(text)
+
+    def chunked_tokens(self, text: str | Sequence[str], min_chunks: int = 1) -> torch.LongTensor:
+        """``[B, n_chunks, max_length]`` ids with every token kept (see :func:`encode_long`)."""
+        return self.tokenizer.chunked(text, min_chunks=min_chunks)
 
     def encode(self, text: str | Sequence[str]) -> torch.Tensor:
         return self(text)
@@ -50,7 +62,7 @@ def encode_long(encoder: Any, text: str | Sequence[str], min_chunks: int = 1) ->
     windows' features are concatenated, ``[B, n_chunks * 77, width]``. A prompt that fits is one
     window, identical to plain encoding; shorter prompts in a batch get empty windows appended.
     """
-    tokens = encoder.tokenizer.chunked(text, min_chunks=min_chunks)
+    tokens = encoder.chunked_tokens(text, min_chunks=min_chunks)
     b, n, length = tokens.shape
     feats = encoder.encode_tokens(tokens.reshape(b * n, length))
     return feats.reshape(b, n * feats.shape[1], feats.shape[2])
@@ -82,21 +94,35 @@ KNOWN_CLIP_TEXT_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-class _HFTextTransformer(nn.Module):
-    """Holds the HF CLIP text tower as ``.text_model`` so keys read ``transformer.text_model.*``.
-
-    transformers 4.x nests the tower at ``CLIPTextModel.text_model``; 5.x flattened it into
-    ``CLIPTextModel`` itself. Either way only the tower is kept, so no parameter is built twice.
+class CLIPTextTransformer(CLIPTextModel):
+    """A ``transformers.CLIPTextModel`` that holds the text tower at ``.text_model``, as transformers 4.x built it
+    and as official files name it (``cond_stage_model.transformer.text_model.*``): module names, parameter names
+    and state-dict keys agree. transformers 5 flattened ``CLIPTextModel``; here its tower is nested again and
+    the model API (``forward``, ``get_input_embeddings``, ``resize_token_embeddings``, ``config``) delegates to it.
     """
 
     def __init__(self, config: CLIPTextConfig) -> None:
-        super().__init__()
-        model = CLIPTextModel(config)
-        self.text_model = getattr(model, "text_model", model)
-        self.config = config
+        CLIPPreTrainedModel.__init__(self, config)  # not CLIPTextModel.__init__: the tower is built once, below
+        self.text_model = CLIPTextModel(config)
+        self.post_init()
 
-    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
-        return self.text_model(input_ids=input_ids, **kwargs)
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.set_input_embeddings(value)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.text_model(*args, **kwargs)
+
+
+def clip_text_model(config: CLIPTextConfig) -> CLIPTextModel:
+    """transformers' ``CLIPTextModel`` with its tower at ``.text_model`` (transformers 4.x: the class itself)."""
+    model = CLIPTextModel(config) if _CLIP_TEXT_MODEL_NESTS else CLIPTextTransformer(config)
+    return model
+
+
+_CLIP_TEXT_MODEL_NESTS = "text_model" in CLIPTextModel.__init__.__code__.co_names
 
 
 class FrozenCLIPEmbedder(TextEncoder):
@@ -146,10 +172,19 @@ class FrozenCLIPEmbedder(TextEncoder):
         self.max_length = max_length
         self.layer = layer
         self.layer_idx = layer_idx
-        self.tokenizer = CLIPTokenizer(max_length, pad_with_eos=True)
-        self.transformer = _HFTextTransformer(config)
+        self.tokenizer = clip_tokenizer(max_length)  # transformers' CLIPTokenizer (pads with EOS), made offline
+        self.transformer = clip_text_model(config)
         if freeze:
             self.freeze()
+
+    def tokenize(self, text: str | Sequence[str]) -> torch.LongTensor:
+        """``[B, max_length]`` ids as CompVis makes them: truncated, padded to ``max_length``."""
+        texts = [text] if isinstance(text, str) else list(text)
+        return self.tokenizer(texts, truncation=True, max_length=self.max_length, padding="max_length",
+                              return_tensors="pt")["input_ids"]
+
+    def chunked_tokens(self, text: str | Sequence[str], min_chunks: int = 1) -> torch.LongTensor:
+        return chunked_ids(self.tokenizer, text, self.max_length, min_chunks)
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Features for already tokenized ``[B, max_length]`` ids."""

@@ -101,3 +101,85 @@ class CLIPTokenizer:
         n_chunks = max([min_chunks, 1, *(len(c) for c in per_text)])
         rows = [[self._row(c) for c in chunks + [[]] * (n_chunks - len(chunks))] for chunks in per_text]
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), n_chunks, self.max_length)
+
+
+# ---- transformers' CLIPTokenizer, built offline ------------------------------------------------------
+def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """OpenAI CLIP's BPE vocabulary (ids) and merge list, derived from the table open_clip ships."""
+    import gzip
+
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab]
+    vocab += ["".join(m.split()) for m in merges]
+    vocab += [BOS_TOKEN, EOS_TOKEN]
+    return {v: i for i, v in enumerate(vocab)}, merges
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_folder() -> str:
+    """A folder with ``vocab.json`` + ``merges.txt`` (written once per user cache, atomically)."""
+    import hashlib
+    import json
+    import os
+    from pathlib import Path
+
+    from open_clip.tokenizer import default_bpe
+
+    from ldm.files import atomic_write
+
+    digest = hashlib.sha256(Path(default_bpe()).read_bytes()).hexdigest()[:16]
+    root = Path(os.environ.get("LDM_CACHE_DIR") or Path.home() / ".cache" / "ldm")
+    folder = root / f"clip-tokenizer-{digest}"
+    if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        vocab, merges = _vocab_and_merges()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:  # no writable cache (read-only home): a private folder for this process
+            import tempfile
+
+            folder = Path(tempfile.mkdtemp(prefix="ldm-clip-tokenizer-"))
+        atomic_write(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+        atomic_write(folder / "vocab.json", json.dumps(vocab))
+    return str(folder)
+
+
+@lru_cache(maxsize=4)
+def _loaded(max_length: int):
+    from transformers import CLIPTokenizer as HFCLIPTokenizer
+
+    return HFCLIPTokenizer.from_pretrained(_tokenizer_folder(), pad_token=EOS_TOKEN, model_max_length=max_length,
+                                           local_files_only=True)
+
+
+def clip_tokenizer(max_length: int = 77):
+    """A ``transformers.CLIPTokenizer`` with exactly OpenAI's ids (``openai/clip-vit-large-patch14``'s: pads with
+    EOS), made offline; each call returns its own copy, so ``add_tokens`` on one model never leaks to another."""
+    import copy
+
+    tokenizer = copy.deepcopy(_loaded(max_length))
+    if tokenizer.bos_token_id != CLIPTokenizer.bos_id or tokenizer.eos_token_id != CLIPTokenizer.eos_id:
+        raise RuntimeError("the CLIP vocabulary shipped with open_clip has changed: BOS/EOS ids moved")
+    return tokenizer
+
+
+def chunked_ids(tokenizer, texts: str | Sequence[str], max_length: int, min_chunks: int = 1) -> torch.LongTensor:
+    """Token ids ``[B, n_chunks, max_length]`` of a transformers tokenizer, every token kept: each prompt split
+    into ``max_length - 2``-token chunks, each wrapped BOS + chunk + EOS + padding; all prompts padded to the same
+    chunk count (at least ``min_chunks``) with empty chunks."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    size = max_length - 2
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    per_text = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        per_text.append([ids[i : i + size] for i in range(0, len(ids), size)])
+    n_chunks = max([min_chunks, 1, *(len(c) for c in per_text)])
+
+    def row(ids: list[int]) -> list[int]:
+        return [bos, *ids, eos] + [pad] * (max_length - len(ids) - 2)
+
+    rows = [[row(c) for c in chunks + [[]] * (n_chunks - len(chunks))] for chunks in per_text]
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), n_chunks, max_length)
