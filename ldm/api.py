@@ -8,13 +8,13 @@ checkpoint's tensors are assigned in place, so peak memory stays near one copy o
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint import CheckpointError, empty_init, load_into_model, read_state_dict, save_state_dict, split_ema
+from ldm.paths import bundled
 from ldm.util import ConfigError, check_config_targets, get_obj_from_str, instantiate_from_config, load_yaml
 
 ConfigLike = Union[str, os.PathLike, Mapping[str, Any], DictConfig]
@@ -28,7 +28,7 @@ OPTIONAL_KEYS = ("*.embeddings.position_ids", "denoiser.sigmas", "loss.*")
 def load_config(config: ConfigLike) -> DictConfig:
     """The ``model`` node of a config file or mapping (a bare ``target``/``params`` node is accepted)."""
     if isinstance(config, (str, os.PathLike)):
-        path = Path(config)
+        path = bundled(config)  # "configs/..." also names a bundled config, from any folder
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found; pass the model YAML, e.g. configs/stable-diffusion/v1-inference.yaml")
         cfg = load_yaml(path)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import lightning.pytorch as pl
+import pytorch_lightning as pl
 import numpy as np
 import torch
 from omegaconf import OmegaConf

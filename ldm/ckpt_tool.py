@@ -14,8 +14,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 PARTS = {"model.diffusion_model.": "unet", "first_stage_model.": "vae", "cond_stage_model.": "text encoder",
          "model_ema.": "ema", "conditioner.": "text encoder"}

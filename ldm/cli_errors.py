@@ -15,7 +15,7 @@ def fail(message: str) -> NoReturn:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
     from omegaconf.errors import OmegaConfBaseException
 
     from ldm.checkpoint import CheckpointError

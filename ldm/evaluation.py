@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
+import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.util import ConfigError

@@ -116,7 +116,7 @@ def fid_from_images(real: torch.Tensor, fake: torch.Tensor, weights_path: Union[
 
 def _validation_batches(data: Any, batch_size: int) -> Any:
     """Batches of the validation split of a LightningDataModule, or of a plain dataset."""
-    import lightning.pytorch as pl
+    import pytorch_lightning as pl
     from torch.utils.data import DataLoader
 
     if isinstance(data, pl.LightningDataModule):

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint import CheckpointError
+from ldm.paths import bundled
 from ldm import settings as declaration
 from ldm.settings import TASKS  # noqa: F401  (re-exported for the scripts)
 from ldm.util import ConfigError, load_yaml
@@ -206,7 +207,8 @@ def resolve_model(config: Optional[str], ckpt: Optional[str]) -> tuple[Path, Pat
         raise ConfigError(f"--ckpt needs --config, the model YAML that matches it; see {README_TABLE}")
     if ckpt is None:
         raise ConfigError(f"--config needs --ckpt, the weights to sample from; see {README_TABLE}")
-    config_path, ckpt_path = Path(config).expanduser().absolute(), Path(ckpt).expanduser().absolute()
+    config_path = bundled(Path(config).expanduser()).absolute()  # "configs/..." also names a bundled config
+    ckpt_path = Path(ckpt).expanduser().absolute()
     if not config_path.is_file():
         raise ConfigError(f"config file {config!r} not found; pass the model YAML, see {README_TABLE}")
     if not ckpt_path.is_file():

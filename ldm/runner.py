@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from omegaconf import DictConfig
 
+from ldm import paths
 from ldm import settings as declaration
 from ldm.api import load_config, load_model
 from ldm.cli_errors import check_overrides, guarded
@@ -34,7 +35,7 @@ from ldm.run_config import (TASKS, Settings, apply_model_defaults, apply_regener
                             resolve_model, settings_yaml, translate_argv)
 
 SAMPLE_PATTERN, GRID_PATTERN = r"(\d+)\.png", r"grid-(\d+)\.png"
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = paths.CONFIG_DIR
 
 
 @dataclass

@@ -8,10 +8,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-import lightning.pytorch as pl
+import pytorch_lightning as pl
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.callbacks import EMAExport, ImageLogger, SkippedImagesLogger, write_metrics
@@ -115,7 +115,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: Optional[int] = N
             loggers.append(ResumableCSVLogger(run_dir, resume_step=resume_step))
         elif name == "tensorboard":
             try:
-                from lightning.pytorch.loggers import TensorBoardLogger
+                from pytorch_lightning.loggers import TensorBoardLogger
 
                 loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
             except ModuleNotFoundError:

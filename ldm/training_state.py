@@ -15,13 +15,13 @@ import signal
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-import lightning.pytorch as pl
+import pytorch_lightning as pl
 import numpy as np
 import torch
-from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning_fabric.loggers.logger import rank_zero_experiment
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 from ldm.files import atomic_output, atomic_write
 

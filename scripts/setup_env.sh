@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${LDM_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
-hash=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)
+hash=$(cat requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -c1-16)
 if [ -x "$VENV/bin/python" ] && [ "$(cat "$VENV/.requirements-hash" 2>/dev/null)" = "$hash" ]; then
   exit 0
 fi
@@ -14,4 +14,6 @@ rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -r requirements-dev.txt
+# The package itself, editable: `import ldm` from anywhere and the ldm-* console commands.
+"$VENV/bin/python" -m pip install -q --no-deps -e .
 echo "$hash" > "$VENV/.requirements-hash"

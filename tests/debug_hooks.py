@@ -14,7 +14,7 @@ import signal
 from pathlib import Path
 from typing import Any, Optional
 
-import lightning.pytorch as pl
+import pytorch_lightning as pl
 
 from ldm.callbacks import write_metrics
 

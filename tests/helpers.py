@@ -1,4 +1,6 @@
 """Shared test helpers (imported by tests; not a test module)."""
+import subprocess
+
 import torch
 
 
@@ -20,3 +22,33 @@ def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
                 else:
                     p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
     return module
+
+
+_SERVER = None
+
+
+def run_main_py(argv, *, cwd, env) -> subprocess.CompletedProcess:
+    """``python main.py *argv`` in ``cwd`` with environment ``env``, as a CompletedProcess, run by a fork of
+    tests/main_server.py (a fresh process per run without re-importing torch and Lightning: ~10 s saved each)."""
+    import atexit
+    import json
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    global _SERVER
+    root = Path(__file__).resolve().parents[1]
+    if _SERVER is None or _SERVER.poll() is not None:
+        _SERVER = subprocess.Popen([sys.executable, str(root / "tests" / "main_server.py")], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True, env=dict(env))
+        atexit.register(_SERVER.kill)
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp) / "out", Path(tmp) / "err"
+        request = {"argv": [str(a) for a in argv], "cwd": str(cwd), "env": dict(env), "out": str(out), "err": str(err)}
+        _SERVER.stdin.write(json.dumps(request) + "\n")
+        _SERVER.stdin.flush()
+        reply = _SERVER.stdout.readline()
+        if not reply:
+            raise RuntimeError("tests/main_server.py died; run main.py directly to see why")
+        rc = json.loads(reply)["rc"]
+        return subprocess.CompletedProcess([str(root / "main.py"), *argv], rc, out.read_text(), err.read_text())

@@ -3,13 +3,11 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 import urllib.request
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
+import pytorch_lightning as pl
 import pytest
 import torch
 from torch import nn
@@ -288,11 +286,12 @@ def test_discriminator_refuses_images_too_small_for_its_depth():
 @pytest.mark.slow
 def test_gan_experiment_trains_through_main_and_exports(tmp_path):
     run = tmp_path / "run"
-    args = [sys.executable, str(ROOT / "main.py"), "experiment=digits_autoencoder_gan", f"hydra.run.dir={run}",
-            "loggers=[csv]", "progress_refresh=0", "trainer.max_steps=6", "trainer.log_every_n_steps=1",
-            "trainer.limit_val_batches=1", "data.batch_size=8", "model.params.lossconfig.params.disc_start=1"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    res = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path)
+    from tests.helpers import run_main_py
+
+    args = ["experiment=digits_autoencoder_gan", f"hydra.run.dir={run}", "loggers=[csv]", "progress_refresh=0",
+            "trainer.max_steps=6", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=1", "data.batch_size=8",
+            "model.params.lossconfig.params.disc_start=1"]
+    res = run_main_py(args, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})
     assert res.returncode == 0, res.stderr[-3000:]
 
     metrics = json.loads((run / "metrics.json").read_text())

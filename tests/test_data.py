@@ -222,7 +222,7 @@ def test_datamodule_seeded_shuffle_is_reproducible():
     assert labels(a) != labels(c)
     assert labels(a, epoch=1) != labels(a, epoch=0) and labels(a, epoch=1) == labels(b, epoch=1)
     # Lightning's own per-epoch hook reaches the sampler.
-    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from lightning_fabric.utilities.data import _set_sampler_epoch
 
     loader = a.train_dataloader()
     _set_sampler_epoch(loader, 3)

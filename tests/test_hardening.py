@@ -208,13 +208,12 @@ def test_latent_cache_refuses_models_whose_conditioner_reads_more_than_text(tmp_
 # ---- main.py: user errors are one line ------------------------------------------------------------
 def _main_py(tmp_path: Path, *overrides: str):
     import os
-    import subprocess
-    import sys
 
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), "experiment=tiny", f"hydra.run.dir={tmp_path / 'run'}",
-                           "progress_refresh=0", "trainer.max_steps=1", "export.enabled=false", *overrides],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})
+    from tests.helpers import run_main_py
+
+    return run_main_py(["experiment=tiny", f"hydra.run.dir={tmp_path / 'run'}", "progress_refresh=0",
+                        "trainer.max_steps=1", "export.enabled=false", *overrides], cwd=tmp_path,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})
 
 
 def _resume_dir(tmp_path: Path, content: bytes) -> Path:

@@ -252,16 +252,15 @@ def test_img2img_and_inpaint_scripts_run_on_sdxl(xl_files, tmp_path, monkeypatch
 @pytest.mark.slow
 def test_main_py_trains_an_sdxl_model_with_micro_conditioning_and_exports_it(tmp_path):
     import os
-    import subprocess
-    import sys
 
     from ldm.api import load_model
     from ldm.generation import generate
 
-    res = subprocess.run([sys.executable, str(ROOT / "main.py"), "experiment=tiny_sdxl", f"hydra.run.dir={tmp_path / 'run'}",
-                          "trainer.max_steps=3", "checkpoint.every_n_train_steps=3", "progress_refresh=0"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=600,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})
+    from tests.helpers import run_main_py
+
+    res = run_main_py(["experiment=tiny_sdxl", f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_steps=3",
+                       "checkpoint.every_n_train_steps=3", "progress_refresh=0"], cwd=tmp_path,
+                      env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})
     assert res.returncode == 0, res.stderr[-3000:]
     export = tmp_path / "run" / "export"
     model = load_model(export / "config.yaml", export / "model.safetensors")

@@ -5,8 +5,6 @@ tests assert the marker never appears and the entry points answer with one ``err
 """
 import importlib.util
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -181,10 +179,11 @@ def test_resume_from_a_code_carrying_ckpt_is_refused_without_running_it(tmp_path
     run = tmp_path / "run" / "checkpoints"
     run.mkdir(parents=True)
     evil_ckpt(run / "last.ckpt", marker)
-    res = subprocess.run([sys.executable, str(ROOT / "main.py"), "experiment=tiny", f"resume={tmp_path / 'run'}",
-                          f"hydra.run.dir={tmp_path / 'new'}", "progress_refresh=0"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})
+    from tests.helpers import run_main_py
+
+    res = run_main_py(["experiment=tiny", f"resume={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'new'}",
+                       "progress_refresh=0"], cwd=tmp_path,
+                      env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.startswith("error: ") and "Traceback" not in res.stderr and "posix.system" in res.stderr
     assert not marker.exists()

@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.util import instantiate_from_config
+from tests.helpers import run_main_py
 
 pytestmark = pytest.mark.slow  # subprocess runs of main.py / the scripts, training
 
@@ -18,14 +19,18 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def main_py(tmp: Path, *overrides: str, run: str = "run", check: bool = True, env: dict | None = None,
-            debug: dict | None = None) -> subprocess.CompletedProcess:
-    """Run main.py on the tiny experiment; ``debug`` (kill_at_step, sigterm_at_step, dump_checksums) runs it
-    through tests/run_main.py with those fault-injection hooks (tests/debug_hooks.py)."""
-    script = ROOT / ("tests/run_main.py" if debug else "main.py")
+            debug: dict | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run main.py on the tiny experiment (a fork of the test main server, see tests/helpers.run_main_py);
+    ``debug`` (kill_at_step, sigterm_at_step, dump_checksums) runs it through tests/run_main.py with those
+    fault-injection hooks (tests/debug_hooks.py), and ``fresh`` as a plain ``python main.py``."""
     hooks = {f"LDM_TEST_{k.upper()}": str(int(v)) for k, v in (debug or {}).items()}
-    args = [sys.executable, str(script), "experiment=tiny", f"hydra.run.dir={tmp / run}", "loggers=[csv]",
-            "progress_refresh=0", *overrides]
-    res = subprocess.run(args, capture_output=True, text=True, env={**ENV, **hooks, **(env or {})}, cwd=tmp)
+    argv = ["experiment=tiny", f"hydra.run.dir={tmp / run}", "loggers=[csv]", "progress_refresh=0", *overrides]
+    full_env = {**ENV, **hooks, **(env or {})}
+    if debug or fresh:
+        script = ROOT / ("tests/run_main.py" if debug else "main.py")
+        res = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, env=full_env, cwd=tmp)
+    else:
+        res = run_main_py(argv, cwd=tmp, env=full_env)
     if check and res.returncode != 0:
         raise AssertionError(f"main.py failed ({res.returncode}):\n{res.stderr[-3000:]}")
     return res
@@ -169,10 +174,9 @@ def test_resume_from_another_architecture_is_refused(tmp_path):
 
 
 def test_sweep_runs_and_gathers(tmp_path):
-    args = [sys.executable, str(ROOT / "main.py"), "-m", "experiment=tiny", "loggers=[csv]", "progress_refresh=0",
-            "trainer.max_steps=2", "export.enabled=false", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-            "model.base_learning_rate=1e-4,1e-3"]
-    res = subprocess.run(args, capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    args = ["-m", "experiment=tiny", "loggers=[csv]", "progress_refresh=0", "trainer.max_steps=2",
+            "export.enabled=false", f"hydra.sweep.dir={tmp_path / 'sweep'}", "model.base_learning_rate=1e-4,1e-3"]
+    res = run_main_py(args, cwd=tmp_path, env=ENV)
     assert res.returncode == 0, res.stderr[-3000:]
     gathered = subprocess.run([sys.executable, str(ROOT / "scripts/gather_sweep.py"), str(tmp_path / "sweep")],
                               capture_output=True, text=True, env=ENV)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
-import lightning.pytorch as pl
+import pytorch_lightning as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler

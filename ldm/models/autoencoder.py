@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Optional, Sequence
 
-import lightning.pytorch as pl
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
