@@ -450,8 +450,9 @@ class LatentSamplingMixin:
             fs = self.first_stage_model
             if quantize_denoised and callable(getattr(fs, "quantize", None)) and type(fs).__name__ != "AutoencoderKL":
                 with ema_scope("Plotting Quantized Denoised"):
+                    quantize = {"quantize_x0": True} if use_ddim else {"quantize_denoised": True}  # each sampler's name
                     samples, _ = self.sample_log(cond=c, batch_size=N, ddim=use_ddim, ddim_steps=ddim_steps, eta=ddim_eta,
-                                                 quantize_denoised=True)
+                                                 **quantize)
                 log["samples_x0_quantized"] = self.decode_first_stage(samples.to(self.device))
 
         if unconditional_guidance_scale > 1.0:
