@@ -229,6 +229,39 @@ class CompVisSampler:
             intermediates["x_inter"].append(samples)
         return samples, intermediates
 
+    def _sample(self, S: int, batch_size: int, shape, conditioning: Any, *, eta: float, verbose: bool,
+                quantize_x0: bool, mask: Optional[torch.Tensor], x0: Optional[torch.Tensor],
+                per_step: Callable[[], bool], loop: Callable[..., tuple[torch.Tensor, dict]], loop_options: dict,
+                x_T: Optional[torch.Tensor], callback: Optional[Callable], img_callback: Optional[Callable],
+                log_every_t: int, scale: float, uc: Any, guidance_rescale: float, core_eta: Optional[float]):
+        """What ``sample`` does for DDIM and PLMS: check, make the schedule, then run upstream's per-step ``loop``
+        when a per-step feature (or a subclass's override) asks for it, else the shared core."""
+        if quantize_x0:
+            self._check_quantize()
+        if mask is not None and x0 is None:
+            raise ValueError("mask needs x0 (the latent to keep where mask is 1)")
+        if conditioning is not None:
+            _warn_batch_size(conditioning, batch_size)
+        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
+        size = (batch_size, *shape)
+        if verbose:
+            print(f"Data shape for {self.sampler_name.upper()} sampling is {size}" +
+                  (f", eta {eta}" if self.sampler_name == "ddim" else ""))
+        self._verbose, self._guidance_rescale = verbose, float(guidance_rescale)
+        try:
+            if per_step():
+                return loop(conditioning, size, callback=callback, img_callback=img_callback,
+                            quantize_denoised=quantize_x0, mask=mask, x0=x0, ddim_use_original_steps=False, x_T=x_T,
+                            log_every_t=log_every_t, unconditional_guidance_scale=scale,
+                            unconditional_conditioning=uc, **loop_options)
+            if x_T is None:
+                x_T = torch.randn(size, device=self.device)
+            sigmas = sigmas_from_timesteps(self.denoiser, self.ddim_timesteps, final="t0")
+            return self._run(x_T, sigmas, conditioning, core_eta, scale, uc, callback, img_callback, log_every_t,
+                             verbose, guidance_rescale)
+        finally:
+            self._verbose, self._guidance_rescale = True, 0.0
+
     def _overridden(self, base: type, *names: str) -> bool:
         """Whether a subclass of ``base`` (or the instance itself) replaces one of these methods."""
         return any(name in self.__dict__ or getattr(type(self), name) is not getattr(base, name) for name in names)
@@ -270,36 +303,18 @@ class DDIMSampler(CompVisSampler):
         if dynamic_threshold is not None:
             raise NotImplementedError("dynamic_threshold is not implemented for DDIM (as upstream); "
                                       "PLMSSampler supports it")
-        if quantize_x0:
-            self._check_quantize()
-        if mask is not None and x0 is None:
-            raise ValueError("mask needs x0 (the latent to keep where mask is 1)")
-        if conditioning is not None:
-            _warn_batch_size(conditioning, batch_size)
-        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
-        size = (batch_size, *shape)
-        if verbose:
-            print(f"Data shape for DDIM sampling is {size}, eta {eta}")
-        per_step = (ucg_schedule is not None or score_corrector is not None or temperature != 1.0
-                    or noise_dropout != 0.0 or quantize_x0 or mask is not None
-                    or self._overridden(DDIMSampler, "p_sample_ddim", "ddim_sampling"))
-        self._verbose, self._guidance_rescale = verbose, float(guidance_rescale)
-        try:
-            if per_step:
-                return self.ddim_sampling(
-                    conditioning, size, callback=callback, img_callback=img_callback, quantize_denoised=quantize_x0,
-                    mask=mask, x0=x0, ddim_use_original_steps=False, noise_dropout=noise_dropout,
-                    temperature=temperature, score_corrector=score_corrector, corrector_kwargs=corrector_kwargs,
-                    x_T=x_T, log_every_t=log_every_t, unconditional_guidance_scale=unconditional_guidance_scale,
-                    unconditional_conditioning=unconditional_conditioning, dynamic_threshold=dynamic_threshold,
-                    ucg_schedule=ucg_schedule)
-            if x_T is None:
-                x_T = torch.randn(size, device=self.device)
-            sigmas = sigmas_from_timesteps(self.denoiser, self.ddim_timesteps, final="t0")
-            return self._run(x_T, sigmas, conditioning, eta, unconditional_guidance_scale, unconditional_conditioning,
-                             callback, img_callback, log_every_t, verbose, guidance_rescale)
-        finally:
-            self._verbose, self._guidance_rescale = True, 0.0
+        return self._sample(
+            S, batch_size, shape, conditioning, eta=eta, verbose=verbose, quantize_x0=quantize_x0, mask=mask, x0=x0,
+            per_step=lambda: (ucg_schedule is not None or score_corrector is not None or temperature != 1.0
+                              or noise_dropout != 0.0 or quantize_x0 or mask is not None
+                              or self._overridden(DDIMSampler, "p_sample_ddim", "ddim_sampling")),
+            loop=self.ddim_sampling,
+            loop_options=dict(noise_dropout=noise_dropout, temperature=temperature, score_corrector=score_corrector,
+                              corrector_kwargs=corrector_kwargs, dynamic_threshold=dynamic_threshold,
+                              ucg_schedule=ucg_schedule),
+            x_T=x_T, callback=callback, img_callback=img_callback, log_every_t=log_every_t,
+            scale=unconditional_guidance_scale, uc=unconditional_conditioning, guidance_rescale=guidance_rescale,
+            core_eta=eta)
 
     @torch.no_grad()
     def ddim_sampling(self, cond: Any, shape, x_T: Optional[torch.Tensor] = None, ddim_use_original_steps: bool = False,

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.ddim import CompVisSampler, _bcast, _warn_batch_size
-from ldm.models.diffusion.sampling.discretization import sigmas_from_timesteps
+from ldm.models.diffusion.ddim import CompVisSampler, _bcast
 
 
 def norm_thresholding(x0: torch.Tensor, value: float) -> torch.Tensor:
@@ -50,36 +49,19 @@ class PLMSSampler(CompVisSampler):
         ``temperature`` and ``noise_dropout`` act on noise that PLMS (eta 0) does not inject.
         """
         del normals_sequence  # unused, as upstream
-        if quantize_x0:
-            self._check_quantize()
-        if mask is not None and x0 is None:
-            raise ValueError("mask needs x0 (the latent to keep where mask is 1)")
-        if conditioning is not None:
-            _warn_batch_size(conditioning, batch_size)
-        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
-        size = (batch_size, *shape)
-        if verbose:
-            print(f"Data shape for PLMS sampling is {size}")
         # One step: upstream evaluates its second point at the same timestep (the core would not).
-        per_step = (score_corrector is not None or dynamic_threshold is not None or quantize_x0 or mask is not None
-                    or temperature != 1.0 or noise_dropout != 0.0 or len(self.ddim_timesteps) < 2
-                    or self._overridden(PLMSSampler, "p_sample_plms", "plms_sampling"))
-        self._verbose, self._guidance_rescale = verbose, float(guidance_rescale)
-        try:
-            if per_step:
-                return self.plms_sampling(
-                    conditioning, size, callback=callback, img_callback=img_callback, quantize_denoised=quantize_x0,
-                    mask=mask, x0=x0, ddim_use_original_steps=False, noise_dropout=noise_dropout,
-                    temperature=temperature, score_corrector=score_corrector, corrector_kwargs=corrector_kwargs,
-                    x_T=x_T, log_every_t=log_every_t, unconditional_guidance_scale=unconditional_guidance_scale,
-                    unconditional_conditioning=unconditional_conditioning, dynamic_threshold=dynamic_threshold)
-            if x_T is None:
-                x_T = torch.randn(size, device=self.device)
-            sigmas = sigmas_from_timesteps(self.denoiser, self.ddim_timesteps, final="t0")
-            return self._run(x_T, sigmas, conditioning, None, unconditional_guidance_scale, unconditional_conditioning,
-                             callback, img_callback, log_every_t, verbose, guidance_rescale)
-        finally:
-            self._verbose, self._guidance_rescale = True, 0.0
+        return self._sample(
+            S, batch_size, shape, conditioning, eta=eta, verbose=verbose, quantize_x0=quantize_x0, mask=mask, x0=x0,
+            per_step=lambda: (score_corrector is not None or dynamic_threshold is not None or quantize_x0
+                              or mask is not None or temperature != 1.0 or noise_dropout != 0.0
+                              or len(self.ddim_timesteps) < 2
+                              or self._overridden(PLMSSampler, "p_sample_plms", "plms_sampling")),
+            loop=self.plms_sampling,
+            loop_options=dict(noise_dropout=noise_dropout, temperature=temperature, score_corrector=score_corrector,
+                              corrector_kwargs=corrector_kwargs, dynamic_threshold=dynamic_threshold),
+            x_T=x_T, callback=callback, img_callback=img_callback, log_every_t=log_every_t,
+            scale=unconditional_guidance_scale, uc=unconditional_conditioning, guidance_rescale=guidance_rescale,
+            core_eta=None)
 
     @torch.no_grad()
     def plms_sampling(self, cond: Any, shape, x_T: Optional[torch.Tensor] = None, ddim_use_original_steps: bool = False,
