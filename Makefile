@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-fast demo demo-model bench-load bench-txt2img bench-vae
+.PHONY: setup test test-fast demo demo-model bench-load bench-txt2img bench-vae bench-sdxl
 
 setup:
 	@LDM_VENV=$(VENV) bash scripts/setup_env.sh
@@ -29,3 +29,6 @@ bench-txt2img: setup
 
 bench-vae: setup
 	$(PY) benchmarks/bench_vae_memory.py --size 1024
+
+bench-sdxl: setup
+	$(PY) benchmarks/bench_sdxl.py
