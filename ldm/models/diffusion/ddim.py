@@ -262,6 +262,18 @@ class CompVisSampler:
         finally:
             self._verbose, self._guidance_rescale = True, 0.0
 
+    @staticmethod
+    def _report(i: int, index: int, total: int, img: torch.Tensor, pred_x0: torch.Tensor, callback: Optional[Callable],
+                img_callback: Optional[Callable], log_every_t: int, intermediates: dict) -> None:
+        """After step ``i`` of upstream's loops: the callbacks, and every ``log_every_t``-th state kept."""
+        if callback:
+            callback(i)
+        if img_callback:
+            img_callback(pred_x0, i)
+        if index % log_every_t == 0 or index == total - 1:
+            intermediates["x_inter"].append(img)
+            intermediates["pred_x0"].append(pred_x0)
+
     def _overridden(self, base: type, *names: str) -> bool:
         """Whether a subclass of ``base`` (or the instance itself) replaces one of these methods."""
         return any(name in self.__dict__ or getattr(type(self), name) is not getattr(base, name) for name in names)
@@ -355,13 +367,7 @@ class DDIMSampler(CompVisSampler):
                 score_corrector=score_corrector, corrector_kwargs=corrector_kwargs,
                 unconditional_guidance_scale=scale, unconditional_conditioning=unconditional_conditioning,
                 dynamic_threshold=dynamic_threshold)
-            if callback:
-                callback(i)
-            if img_callback:
-                img_callback(pred_x0, i)
-            if index % log_every_t == 0 or index == total - 1:
-                intermediates["x_inter"].append(img)
-                intermediates["pred_x0"].append(pred_x0)
+            self._report(i, index, total, img, pred_x0, callback, img_callback, log_every_t, intermediates)
         return img, intermediates
 
     @torch.no_grad()

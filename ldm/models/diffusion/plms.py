@@ -101,13 +101,7 @@ class PLMSSampler(CompVisSampler):
                 unconditional_conditioning=unconditional_conditioning, old_eps=old_eps, t_next=ts_next,
                 dynamic_threshold=dynamic_threshold)
             old_eps = (old_eps + [e_t])[-3:]
-            if callback:
-                callback(i)
-            if img_callback:
-                img_callback(pred_x0, i)
-            if index % log_every_t == 0 or index == total - 1:
-                intermediates["x_inter"].append(img)
-                intermediates["pred_x0"].append(pred_x0)
+            self._report(i, index, total, img, pred_x0, callback, img_callback, log_every_t, intermediates)
         return img, intermediates
 
     @torch.no_grad()
