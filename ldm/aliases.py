@@ -24,3 +24,9 @@ _SGM_NAMES = (
 )
 
 TARGET_ALIASES: dict[str, str] = {f"sgm.{name}": f"ldm.{name}" for name in _SGM_NAMES}
+# CompVis' VQ first-stage YAMLs name taming-transformers' loss and quantizer.
+TARGET_ALIASES.update({
+    "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator": "ldm.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+    "taming.modules.vqvae.quantize.VectorQuantizer2": "ldm.modules.vqvae.quantize.VectorQuantizer2",
+    "taming.modules.vqvae.quantize.VectorQuantizer": "ldm.modules.vqvae.quantize.VectorQuantizer",
+})

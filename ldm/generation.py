@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ldm.models.diffusion.sampling import sample
 from ldm.models.vae_tiling import tiled_decode, tiled_encode
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.offload import execution_device
 from ldm.settings import PRECISIONS, SamplingSettings, validate
 
@@ -121,7 +122,15 @@ def _as_list(value: Union[str, Sequence[str]], n: int, name: str) -> list[str]:
 
 @torch.no_grad()
 def encode_prompts(model: torch.nn.Module, prompts: Sequence[str], negative: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt and negative-prompt contexts with the same number of 77-token windows (batched CFG needs it)."""
+    """Prompt and negative-prompt contexts with the same number of 77-token windows (batched CFG needs it).
+    An unconditional model (``cond_stage_config: __is_unconditional__``) ignores the prompts: (None, None)."""
+    if getattr(model, "cond_stage_model", True) is None:
+        return None, None
+    if getattr(model, "cond_stage_key", None) in ("class_label", "cls"):
+        key = getattr(model.cond_stage_model, "key", model.cond_stage_key)
+        raise ValueError(f"this model is class-conditional (cond_stage_key {model.cond_stage_key!r}), not text-conditional; "
+                         f"sample it with model.sample_log(cond=model.get_learned_conditioning({{{key!r}: labels}}), "
+                         "batch_size=len(labels), ddim=True, ddim_steps=50)")
     both = model.get_learned_conditioning(list(prompts) + list(negative))
     return both[: len(prompts)], both[len(prompts):]
 
@@ -176,7 +185,8 @@ def encode_image(model: torch.nn.Module, image: torch.Tensor, tile: Optional[int
         first = model.first_stage_model
         image = image.to(next(first.parameters()).dtype)
         posterior = tiled_encode(first, image, latent_factor(model), tile, tile // 4)
-    return model.scale_factor * posterior.mode()
+    latents = posterior.mode() if isinstance(posterior, DiagonalGaussianDistribution) else posterior  # VQ: a tensor
+    return model.scale_factor * latents
 
 
 @torch.no_grad()

@@ -106,7 +106,11 @@ def _encode(model, dataset, batch_size: int, flip: bool, with_context: bool) -> 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=0)
     for batch in loader:
         x = images_to_bchw(batch[image_key]).to(device)
-        moments.append(model.encode_first_stage(x).parameters.float().cpu())
+        posterior = model.encode_first_stage(x)
+        if isinstance(posterior, torch.Tensor):  # VQModelInterface, IdentityFirstStage: no posterior to cache
+            raise ValueError(f"the latent cache stores a KL autoencoder's posterior moments, but this model's first stage "
+                             f"is {type(model.first_stage_model).__name__}; set data.cache.enabled=false")
+        moments.append(posterior.parameters.float().cpu())
         if flip:
             flipped.append(model.encode_first_stage(x.flip(-1)).parameters.float().cpu())
         if conditional:

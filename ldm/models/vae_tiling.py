@@ -8,7 +8,7 @@ slightly from an untiled pass, as with every tiled VAE.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 
@@ -69,12 +69,17 @@ def tiled_decode(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
 
 
 def tiled_encode(first_stage: torch.nn.Module, image: torch.Tensor, factor: int, tile: int = 64,
-                 overlap: int = 16) -> DiagonalGaussianDistribution:
+                 overlap: int = 16) -> Union[DiagonalGaussianDistribution, torch.Tensor]:
     """The posterior of ``image`` [B, 3, H, W] from an AutoencoderKL, encoded in overlapping pixel tiles of
     ``tile * factor`` (``tile`` and ``overlap`` in latent pixels); the tiles' moments (mean, log-variance)
-    are blended."""
+    are blended. A first stage whose ``encode`` gives a tensor (VQModelInterface: pre-quantization latents)
+    gets those latents blended."""
+    gaussian: list[bool] = []
+
     def moments(x: torch.Tensor) -> torch.Tensor:
-        return first_stage.encode(x).parameters
+        out = first_stage.encode(x)
+        gaussian.append(isinstance(out, DiagonalGaussianDistribution))
+        return out.parameters if gaussian[-1] else out
 
     blended = _tiled(moments, image, tile * factor, overlap * factor, down=factor)
-    return DiagonalGaussianDistribution(blended)
+    return DiagonalGaussianDistribution(blended) if gaussian[0] else blended

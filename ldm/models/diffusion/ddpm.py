@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.models.autoencoder import VQModelInterface
 from ldm.models.diffusion import schedule as sched
-from ldm.models.diffusion.compvis_api import DDPMSamplingMixin, LatentSamplingMixin
+from ldm.models.diffusion.compvis_api import CLASS_KEYS, DDPMSamplingMixin, LatentSamplingMixin
 from ldm.models.diffusion.training import DiffusionTrainingMixin
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -313,8 +314,15 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False) -> torch.Tensor:
-        z = (1.0 / self.scale_factor) * z
-        return self.first_stage_model.decode(z.to(self._first_stage_dtype()))
+        """Images of latents ``z``; a VQ first stage quantizes them first unless ``force_not_quantize``.
+        ``predict_cids``: ``z`` holds codebook logits [B, n_embed, h, w] (or indices [B, h, w]), decoded as their codes."""
+        if predict_cids:
+            indices = z.argmax(dim=1) if z.dim() == 4 else z.long()
+            z = self.first_stage_model.quantize.get_codebook_entry(indices, shape=None).permute(0, 3, 1, 2)
+        z = ((1.0 / self.scale_factor) * z).to(self._first_stage_dtype())
+        if isinstance(self.first_stage_model, VQModelInterface):
+            return self.first_stage_model.decode(z, force_not_quantize=predict_cids or force_not_quantize)
+        return self.first_stage_model.decode(z)
 
     def _first_stage_dtype(self) -> torch.dtype:
         p = next(self.first_stage_model.parameters(), None)
@@ -353,6 +361,8 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
             cond_key = cond_key or self.cond_stage_key
             xc = batch[cond_key] if cond_key not in ("image", k) else x
             xc = xc[:bs] if bs is not None else xc
+            if cond_key in CLASS_KEYS:  # CompVis' ClassEmbedder reads its labels from a batch dict, under its own key
+                xc = {getattr(self.cond_stage_model, "key", cond_key): xc}
             c = self.get_learned_conditioning(xc) if (not self.cond_stage_trainable or force_c_encode) else xc
         out = [z, c]
         if return_first_stage_outputs:
