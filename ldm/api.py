@@ -80,12 +80,12 @@ def load_model(
     node = load_config(config).copy()
     overrides: dict[str, Any] = {"use_ema": False} if _has_ema_option(node) else {}
     node.params.pop("ckpt_path", None)
-    if ckpt is None:
-        model = build_model(node, **overrides)
     if ckpt is not None:  # the file holds the first stage too: its own checkpoint (CompVis LDM configs) is not read
         first_stage = node.params.get("first_stage_config")
         if isinstance(first_stage, DictConfig) and isinstance(first_stage.get("params"), DictConfig):
             first_stage.params.pop("ckpt_path", None)
+    if ckpt is None:
+        model = build_model(node, **overrides)
         if dtype is not None:
             model = model.to(dtype)
     else:
