@@ -22,7 +22,9 @@ ConfigLike = Union[str, os.PathLike, Mapping[str, Any], DictConfig]
 # Keys official files may carry that current libraries do not register (see shared/reference).
 # position_ids: absent from some transformers versions' files; loss.*: an autoencoder's training-only
 # discriminator/LPIPS weights (CompVis first-stage checkpoints have them, sampling never needs them).
-OPTIONAL_KEYS = ("*.embeddings.position_ids", "denoiser.sigmas", "loss.*")
+# low_scale_model.*: the SD 2 x4 upscaler's noise-augmentation schedule, persistent buffers its file carries; computed
+# from the config when a converted file drops them.
+OPTIONAL_KEYS = ("*.embeddings.position_ids", "denoiser.sigmas", "loss.*", "low_scale_model.*")
 
 
 def load_config(config: ConfigLike) -> DictConfig:
@@ -162,7 +164,7 @@ def save_model(model: torch.nn.Module, path: Union[str, os.PathLike], *, dtype: 
 def guess_architecture(shapes: Mapping[str, tuple]) -> str:
     """A human label for a CompVis-layout state dict, from its key names and first conv."""
     first = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
-    inpaint = " inpainting" if first is not None and len(first) > 1 and first[1] == 9 else ""
+    inpaint = {9: " inpainting", 7: " x4 upscaler"}.get(first[1], "") if first is not None and len(first) > 1 else ""
     if any(k.startswith("cond_stage_model.transformer.") for k in shapes):
         return "SD 1.x" + inpaint
     if any(k.startswith("cond_stage_model.model.") for k in shapes):

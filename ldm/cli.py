@@ -1,4 +1,4 @@
-"""Console commands (``ldm-txt2img``, ``ldm-img2img``, ``ldm-inpaint``, ``ldm-train``, ``ldm-ckpt``).
+"""Console commands (``ldm-txt2img``, ``ldm-img2img``, ``ldm-inpaint``, ``ldm-upscale``, ``ldm-train``, ``ldm-ckpt``).
 
 The same entry points as ``scripts/*.py`` and ``main.py`` in a checkout; installed, they work from any folder.
 Each returns / exits with 0 on success and 2 on a user error (one line on stderr).
@@ -36,6 +36,13 @@ def inpaint_main(cfg: DictConfig) -> None:
     hydra_task(cfg, "inpaint")
 
 
+@hydra.main(config_path=str(CONFIG_DIR), config_name="upscale", version_base=None)
+def upscale_main(cfg: DictConfig) -> None:
+    from ldm.runner import hydra_task
+
+    hydra_task(cfg, "upscale")
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
 def train_main(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
@@ -66,6 +73,10 @@ def run_inpaint(argv: Optional[Sequence[str]] = None) -> int:
     return _task(inpaint_main, "inpaint", argv)
 
 
+def run_upscale(argv: Optional[Sequence[str]] = None) -> int:
+    return _task(upscale_main, "upscale", argv)
+
+
 def txt2img() -> None:
     sys.exit(run_txt2img())
 
@@ -76,6 +87,10 @@ def img2img() -> None:
 
 def inpaint() -> None:
     sys.exit(run_inpaint())
+
+
+def upscale() -> None:
+    sys.exit(run_upscale())
 
 
 def train() -> None:

@@ -262,6 +262,12 @@ def generate(
 def _generate_batch(model, prompts: list[str], negative: list[str], seeds: list[int], init_image, mask, *, sampler, steps,
                     guidance_scale, guidance_rescale, eta, discretization, height, width, strength, precision, callback,
                     progress, options: SamplingSettings, refiner: Optional[torch.nn.Module] = None) -> torch.Tensor:
+    if hasattr(model, "low_scale_model"):  # SD 2 x4 upscaler: init_image is the low-res input (ldm.upscale)
+        from ldm.upscale import upscale_batch
+
+        if mask is not None or refiner is not None:
+            raise ValueError("an upscaler takes neither a mask nor a refiner; upscale the finished image instead")
+        return upscale_batch(model, prompts, negative, seeds, init_image, options, callback, progress)
     weights = next(model.model.parameters())
     device = execution_device(model)
     f = latent_factor(model)

@@ -84,6 +84,7 @@ def prepare(cfg: Mapping[str, Any], task: str, user_keys: Iterable[str] = ()) ->
     s.negative_prompt = s.negative_prompt or ""
     s.config, s.ckpt = str(config), str(ckpt)  # config.yaml then works from any directory
     model_config = load_config(config)
+    _check_upscaler(task, model_config, config)
     declaration.validate(s, task, timesteps=int(model_config.params.get("timesteps", 1000)))
     prompts = read_prompts(s.prompt, s.from_file)
     _check_text([*prompts, s.negative_prompt, s.outdir, s.get("init_img"), s.get("mask"), str(config), str(ckpt)])
@@ -284,9 +285,38 @@ def _decoder_shape(model_config: Any) -> dict[str, Any]:
     return {k: dd[k] for k in ("ch", "ch_mult") if k in dd}
 
 
+def _check_upscaler(task: str, model_config: Any, config: Path) -> None:
+    """scripts/upscale.py needs an upscaler model, and an upscaler runs only there."""
+    from ldm.upscale import upscaler_config
+
+    upscaler = upscaler_config(model_config) is not None
+    if task == "upscale" and not upscaler:
+        raise ValueError(f"{config} is not an upscaler; use --config configs/stable-diffusion/x4-upscaling.yaml "
+                         "with x4-upscaler-ema.safetensors")
+    if task != "upscale" and upscaler:
+        raise ValueError(f"{config} is an upscaler; run it with scripts/upscale.py --init-img LOW_RES.png")
+
+
+def _read_upscale_input(job: Job) -> None:
+    """The upscaler's low-res input; the output is 4x it, or --H x --W with the input resized to a quarter of it."""
+    from ldm.upscale import read_low_res, upscaler_config
+
+    s = job.settings
+    if not s.init_img:
+        raise ValueError("upscale needs the low-res image: pass --init-img FILE")
+    factor, max_noise_level = upscaler_config(load_config(job.config))
+    if max_noise_level and s.noise_level > max_noise_level:  # 0: the model has no noise augmentation
+        raise ValueError(f"noise_level must be at most {max_noise_level} for this model, got {s.noise_level}")
+    job.init_image, s.height, s.width = read_low_res(s.init_img, s.height, s.width, factor)
+    declaration.validate({"height": s.height, "width": s.width}, job.task)
+    job.inputs = {"init_img": str(Path(s.init_img).absolute()), "init_img_sha256": sha256_file(s.init_img, cache=False)}
+
+
 def _read_inputs(job: Job) -> None:
     """Read the init image (and mask) and settle the output size: as asked, else the image's, to a multiple of 8."""
     s = job.settings
+    if job.task == "upscale":
+        return _read_upscale_input(job)
     if not s.init_img:
         raise ValueError(f"{job.task} needs an init image: pass --init-img FILE")
     image = open_image(s.init_img, "init image")

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from ldm.models.diffusion.sampling.core import MAX_SEED
 
-TASKS = ("txt2img", "img2img", "inpaint")
+TASKS = ("txt2img", "img2img", "inpaint", "upscale")
 Check = Callable[[Any], Optional[str]]  # returns what is wrong with a value, or None
 
 
@@ -106,14 +106,20 @@ class SamplingSettings:
                                    model_default=True)
     discretization: Optional[str] = setting(None, "timestep spacing; null = the sampler's own",
                                             choices=_discretizations, model_default=True)
-    height: Optional[int] = setting(512, "image height (multiple of 8); img2img/inpaint: null = the init image's",
-                                    flags=("H",), check=image_side, model_default=True,
-                                    task_defaults={"img2img": None, "inpaint": None})
-    width: Optional[int] = setting(512, "image width (multiple of 8); img2img/inpaint: null = the init image's",
-                                   flags=("W",), check=image_side, model_default=True,
-                                   task_defaults={"img2img": None, "inpaint": None})
+    height: Optional[int] = setting(512, "image height (multiple of 8); img2img/inpaint: null = the init image's; "
+                                    "upscale: the output's, null = 4x the input's", flags=("H",), check=image_side,
+                                    model_default=True, task_defaults={"img2img": None, "inpaint": None, "upscale": None})
+    width: Optional[int] = setting(512, "image width (multiple of 8); img2img/inpaint: null = the init image's; "
+                                   "upscale: the output's, null = 4x the input's", flags=("W",), check=image_side,
+                                   model_default=True, task_defaults={"img2img": None, "inpaint": None, "upscale": None})
     strength: float = setting(0.75, "img2img: how much to change the image (0 = keep, 1 = ignore it)",
                               check=between(0, 1), tasks=("img2img",), model_default=True)
+    noise_level: int = setting(20, "upscale: noise added to the low-res input before the model sees it (0 = none, up to "
+                               "the model's max_noise_level, 350 for SD 2 x4); more lets it invent more detail",
+                               check=at_least(0), tasks=("upscale",), model_default=True)
+    upscale_tile_size: Optional[int] = setting(256, "upscale: inputs larger than this many pixels a side are denoised in "
+                                               "overlapping tiles (a quarter overlap) blended in latent space at every "
+                                               "step; null = never tile", check=at_least(16), tasks=("upscale",))
     # SDXL: a prompt per text encoder and micro-conditioning (diffusers' defaults); other models ignore them.
     prompt_2: Optional[str] = setting(None, "SDXL: the prompt for the second text encoder (OpenCLIP); null = prompt")
     negative_prompt_2: Optional[str] = setting(None, "SDXL: negative prompt for the second text encoder; "
@@ -159,8 +165,9 @@ class RunSettings(SamplingSettings):
     config: Optional[str] = setting(None, "model YAML; with ckpt unset too, the bundled demo model")
     ckpt: Optional[str] = setting(None, "weights: .safetensors or .ckpt")
     use_ema: bool = setting(False, "use the file's model_ema.* weights")
-    n_samples: int = setting(3, "images per prompt in each iteration", check=at_least(1), recipe=False)
-    n_iter: int = setting(2, "iterations", check=at_least(1), recipe=False)
+    n_samples: int = setting(3, "images per prompt in each iteration", check=at_least(1), recipe=False,
+                             task_defaults={"upscale": 1})
+    n_iter: int = setting(2, "iterations", check=at_least(1), recipe=False, task_defaults={"upscale": 1})
     seed: int = setting(42, "seed of the first image; image k gets seed + k", check=between(0, MAX_SEED))
     fixed_code: bool = setting(False, "every image starts from the same noise (seed)", recipe=False)
     compile: bool = setting(False, "torch.compile the UNet (the first image pays the compilation)")
@@ -171,7 +178,8 @@ class RunSettings(SamplingSettings):
                            choices=lambda: ["none", "model", "sequential"])
     device: str = setting("auto", "auto | cpu | cuda | cuda:N", recipe=False)
     outdir: str = setting("outputs/txt2img-samples", "output folder", recipe=False,
-                          task_defaults={"img2img": "outputs/img2img-samples", "inpaint": "outputs/inpainting-samples"})
+                          task_defaults={"img2img": "outputs/img2img-samples", "inpaint": "outputs/inpainting-samples",
+                                         "upscale": "outputs/upscale-samples"})
     skip_grid: bool = setting(False, "do not write the grid image", recipe=False)
     skip_save: bool = setting(False, "do not write the single images", recipe=False)
     n_rows: int = setting(0, "images per grid row (0 = one row per iteration)", check=at_least(0), recipe=False)
@@ -180,8 +188,8 @@ class RunSettings(SamplingSettings):
                                           "refiner_strength)", flags=("refiner",))
     refiner_config: Optional[str] = setting(None, "the refiner's model YAML; null = "
                                             "configs/stable-diffusion/sdxl-refiner.yaml", flags=("refiner-config",))
-    init_img: Optional[str] = setting(None, "img2img/inpaint: the image to start from", flags=("init-img",),
-                                      tasks=("img2img", "inpaint"))
+    init_img: Optional[str] = setting(None, "img2img/inpaint: the image to start from; upscale: the low-res input",
+                                      flags=("init-img",), tasks=("img2img", "inpaint", "upscale"))
     mask: Optional[str] = setting(None, "inpaint: white = repaint, black = keep", tasks=("inpaint",))
 
 

@@ -456,3 +456,6 @@ class LatentInpaintDiffusion(LatentDiffusion):
         with torch.no_grad():
             c_cat = self.inpaint_conditioning(sub)
         return [z, {"c_concat": [c_cat], "c_crossattn": [c]}, *rest]
+
+
+from ldm.models.diffusion.upscaling import LatentUpscaleDiffusion  # noqa: E402,F401  (SD 2 x4 upscaler; its own module)
