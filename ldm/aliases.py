@@ -24,6 +24,13 @@ _SGM_NAMES = (
 )
 
 TARGET_ALIASES: dict[str, str] = {f"sgm.{name}": f"ldm.{name}" for name in _SGM_NAMES}
+# CompVis' training YAMLs name classes of its main.py.
+TARGET_ALIASES.update({
+    "main.DataModuleFromConfig": "ldm.data.datamodule.DataModuleFromConfig",
+    "main.WrappedDataset": "ldm.data.datamodule.WrappedDataset",
+    "main.ImageLogger": "ldm.callbacks.CompVisImageLogger",
+    "main.CUDACallback": "ldm.callbacks.CUDACallback",
+})
 # CompVis' VQ first-stage YAMLs name taming-transformers' loss and quantizer.
 TARGET_ALIASES.update({
     "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator": "ldm.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",

@@ -1,6 +1,7 @@
 """Training callbacks: sample grids while training, EMA export for the sampling scripts, metrics."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -130,3 +131,111 @@ class SkippedImagesLogger(pl.Callback):
 def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
     clean = {k: (float(v) if isinstance(v, (torch.Tensor, np.floating, float, int)) else v) for k, v in metrics.items()}
     atomic_write(Path(path), json.dumps(clean, indent=2, sort_keys=True))
+
+
+@contextlib.contextmanager
+def _rng_kept(device: torch.device):
+    """Restore torch's (CPU and ``device``), numpy's and Python's random states on exit."""
+    import random
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class CompVisImageLogger(pl.Callback):
+    """CompVis' ``main.ImageLogger``: every ``batch_frequency`` batches, grids of ``pl_module.log_images(batch)``.
+
+    Same parameters and file names as CompVis (``<run>/images/<split>/<key>_gs-<step>_e-<epoch>_b-<batch>.png``),
+    with the same schedule: powers of two up to the frequency when ``increase_log_steps``, then every
+    ``batch_frequency`` (global step, or batch index with ``log_on_batch_idx``). Images are clamped to
+    [-1, 1] and rescaled to [0, 1]; grids are written atomically.
+    """
+
+    def __init__(self, batch_frequency: int, max_images: int, clamp: bool = True, increase_log_steps: bool = True,
+                 rescale: bool = True, disabled: bool = False, log_on_batch_idx: bool = False,
+                 log_first_step: bool = False, log_images_kwargs: Optional[dict] = None):
+        if int(batch_frequency) < 1:
+            raise ValueError(f"image_logger.params.batch_frequency must be >= 1, got {batch_frequency!r}")
+        self.batch_freq, self.max_images, self.clamp, self.rescale = int(batch_frequency), int(max_images), clamp, rescale
+        self.disabled, self.log_on_batch_idx, self.log_first_step = disabled, log_on_batch_idx, log_first_step
+        self.log_images_kwargs = dict(log_images_kwargs or {})
+        self.log_steps = [2 ** n for n in range(int(np.log2(self.batch_freq)) + 1)] if increase_log_steps else []
+        self.written: list[Path] = []
+        self._val_step = -1
+
+    def due(self, check_idx: int) -> bool:
+        return ((check_idx % self.batch_freq == 0 or check_idx in self.log_steps)
+                and (check_idx > 0 or self.log_first_step))
+
+    @torch.no_grad()
+    def log_img(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, split: str) -> None:
+        check_idx = batch_idx if self.log_on_batch_idx else pl_module.global_step
+        if (self.disabled or self.max_images <= 0 or not self.due(check_idx) or not trainer.is_global_zero
+                or not callable(getattr(pl_module, "log_images", None))):
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        try:  # sampling draws noise: the training run's random streams continue as if nothing was logged
+            with _rng_kept(pl_module.device):
+                images = pl_module.log_images(batch, split=split, **self.log_images_kwargs)
+        finally:
+            pl_module.train(was_training)
+        out_dir = Path(trainer.default_root_dir) / "images" / split
+        for key, value in images.items():
+            if not isinstance(value, torch.Tensor) or value.dim() not in (3, 4):
+                continue
+            grid = value.detach().float().cpu()
+            grid = grid[None] if grid.dim() == 3 else grid[: self.max_images]
+            if self.clamp:
+                grid = grid.clamp(-1.0, 1.0)
+            if self.rescale:
+                grid = (grid + 1.0) / 2.0
+            if grid.shape[1] == 1:
+                grid = grid.expand(-1, 3, -1, -1)
+            if grid.shape[1] != 3:
+                continue  # e.g. a 4-channel latent; CompVis logs only image-shaped entries too
+            name = f"{key}_gs-{pl_module.global_step:06}_e-{pl_module.current_epoch:06}_b-{batch_idx:06}.png"
+            save_grid(grid.clamp(0.0, 1.0), out_dir / name, n_cols=min(4, grid.shape[0]))
+            self.written.append(out_dir / name)
+        # Lightning's logger "log_images" hook has no PL 2 equivalent: the PNGs are the log.
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.log_img(trainer, pl_module, batch, batch_idx, split="train")
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        # CompVis logs every validation batch of a due step; one batch per step is the picture at a fraction of the cost.
+        if not trainer.sanity_checking and pl_module.global_step > 0 and self._val_step != pl_module.global_step:
+            self._val_step = pl_module.global_step
+            self.log_img(trainer, pl_module, batch, batch_idx, split="val")
+
+
+class CUDACallback(pl.Callback):
+    """CompVis' ``main.CUDACallback``: per-epoch wall time and peak CUDA memory (prints nothing off CUDA)."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import time
+
+        self.device = pl_module.device
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            torch.cuda.synchronize(self.device)
+        self.start_time = time.time()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import time
+
+        if self.device.type != "cuda":
+            return
+        torch.cuda.synchronize(self.device)
+        peak_mib = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        epoch_s = time.time() - self.start_time
+        if trainer.is_global_zero:
+            print(f"Average Epoch time: {epoch_s:.2f} seconds; Average Peak memory {peak_mib:.2f}MiB")

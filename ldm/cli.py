@@ -95,7 +95,13 @@ def upscale() -> None:
 
 def train() -> None:
     from ldm.cli_errors import run_or_exit
+    from ldm.compvis_train import is_compvis_argv
 
+    if is_compvis_argv(sys.argv[1:]):  # CompVis' spelling: --base a.yaml -t --gpus 0, ...
+        from ldm.compvis_train import run
+
+        run(sys.argv[1:])
+        return
     run_or_exit(train_main, config_dir=CONFIG_DIR, config_name="train")
 
 

@@ -100,11 +100,41 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
         opts = OmegaConf.to_container(il, resolve=True)
         callbacks.append(ImageLogger(run_dir / "images", opts.pop("prompts"), every_n_steps=opts.pop("every_n_steps", 0),
                                      **opts))
+    for name, spec in _plain(cfg.get("callbacks")).items():
+        if spec is not None:  # a null entry switches off one a config named
+            callbacks.append(build_extra_callback(str(name), spec, ckpt_dir))
     if cfg.get("export", {}).get("enabled", True):
         sampling = _plain(cfg.export.get("sampling"))
         callbacks.append(EMAExport(run_dir / "export", OmegaConf.to_container(cfg.model, resolve=True), sampling,
                                    cfg.export.get("dtype")))
     return callbacks
+
+
+# Where ``callbacks:`` entries may come from: Lightning's own callbacks and ours (classes only).
+CALLBACK_MODULES = ("pytorch_lightning.callbacks", "ldm.callbacks")
+
+
+def build_extra_callback(name: str, spec: Any, ckpt_dir: Path) -> pl.Callback:
+    """One ``callbacks.<name>: {target, params}`` entry; an extra ModelCheckpoint without ``dirpath``
+    writes into ``checkpoints/<name>`` of the run (atomically, like every checkpoint here)."""
+    import inspect
+
+    from ldm.util import get_obj_from_str
+
+    if not isinstance(spec, dict) or "target" not in spec:
+        raise ConfigError(f"callbacks.{name} must be {{target: ..., params: {{...}}}}, got {spec!r}")
+    cls = get_obj_from_str(str(spec["target"]), allow=CALLBACK_MODULES)
+    if not (inspect.isclass(cls) and issubclass(cls, pl.Callback)):
+        raise ConfigError(f"callbacks.{name}: {spec['target']} is not a Lightning callback class; name one from "
+                          f"{' or '.join(CALLBACK_MODULES)}")
+    params = dict(spec.get("params") or {})
+    if issubclass(cls, ModelCheckpoint) and not params.get("dirpath"):
+        params["dirpath"] = str(ckpt_dir / name)
+    try:
+        inspect.signature(cls).bind(**params)
+    except TypeError as err:
+        raise ConfigError(f"callbacks.{name}: {err} for {spec['target']}; check the names under params") from None
+    return cls(**params)
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: Optional[int] = None) -> list:
