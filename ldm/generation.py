@@ -19,6 +19,7 @@ from ldm.models.diffusion.sampling import sample
 from ldm.models.vae_tiling import tiled_decode, tiled_encode
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.offload import execution_device
+from ldm.progress import RunProgress
 from ldm.settings import PRECISIONS, SamplingSettings, validate
 
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -211,7 +212,7 @@ def generate(
     init_image: Optional[torch.Tensor] = None,
     mask: Optional[torch.Tensor] = None,
     callback: Optional[Callable[[dict], None]] = None,
-    progress: bool = True,
+    progress: Union[bool, RunProgress] = True,
     refiner: Optional[torch.nn.Module] = None,
     **changes: Any,
 ) -> torch.Tensor:
@@ -225,10 +226,14 @@ def generate(
     as an ensemble of experts taking over at ``refiner_switch`` of the schedule, or, with ``refiner_strength``,
     as img2img on the base's finished latents.
 
-    ``batch_invariant`` (default) computes each image on its own, so an image depends only on its
-    prompt, seed and settings — bit for bit, whatever else was in the batch (kernels' rounding
-    depends on batch size, and long prompts pad their neighbours' contexts). ``False`` runs the
-    batch together: faster on GPUs, reproducible only as the same batch.
+    Images go through the text encoder, the UNet (CFG doubled) and the VAE together, ``batch_size`` at a time
+    (default: all of them), each starting from its own seed's noise. Prompts whose contexts have different
+    numbers of 77-token windows never share a batch (padding would change the shorter one's attention), so
+    an image computed in a batch equals the same image computed alone up to the kernels' rounding, which
+    depends on the batch size. ``batch_invariant=True`` computes each image on its own: bit for bit the same
+    whatever else was asked for, at the cost of speed.
+
+    ``progress``: a bar over all steps of all batches (or a :class:`ldm.progress.RunProgress` to advance).
     """
     prompts = list(prompts)
     negative = changes.pop("negative_prompt", None)
@@ -246,17 +251,54 @@ def generate(
         raise ValueError("height and width are needed")
     validate({k: v for k, v in dataclasses.asdict(options).items() if k != "negative_prompt"})
     negative = _as_list(negative, len(prompts), "negative_prompt")
+    batches = batch_plan(model, prompts, negative, options)
+    bar = progress if isinstance(progress, RunProgress) else RunProgress(len(batches), options.steps, bool(progress))
     kwargs = dict(sampler=options.sampler, steps=options.steps, guidance_scale=options.guidance_scale,
                   guidance_rescale=options.guidance_rescale, eta=options.eta, discretization=options.discretization,
                   height=options.height, width=options.width, strength=options.strength, precision=options.precision,
-                  callback=callback, progress=progress, options=options, refiner=refiner)
-    if not options.batch_invariant or len(prompts) == 1:
-        return _generate_batch(model, prompts, negative, list(seeds), init_image, mask, **kwargs)
-    images = []
-    for i in range(len(prompts)):
-        pick = (lambda x: None if x is None else (x[i : i + 1] if x.dim() == 4 and x.shape[0] > 1 else x))  # noqa: E731
-        images.append(_generate_batch(model, prompts[i : i + 1], negative[i : i + 1], [seeds[i]], pick(init_image), pick(mask), **kwargs))
-    return torch.cat(images)
+                  callback=bar.callback(callback), progress=False, options=options, refiner=refiner)
+    images: list[Optional[torch.Tensor]] = [None] * len(prompts)
+    try:
+        for rows in batches:
+            def pick(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+                return x[rows] if x is not None and x.dim() == 4 and x.shape[0] > 1 else x
+            out = _generate_batch(model, [prompts[i] for i in rows], [negative[i] for i in rows], [seeds[i] for i in rows],
+                                  pick(init_image), pick(mask), **kwargs)
+            for i, image in zip(rows, out):
+                images[i] = image
+            bar.batch_done()
+    finally:
+        if bar is not progress:
+            bar.close()
+    return torch.stack(images)
+
+
+def batch_plan(model: torch.nn.Module, prompts: Sequence[str], negative: Sequence[str],
+               options: SamplingSettings) -> list[list[int]]:
+    """Which images run together: each alone (``batch_invariant``), else groups of equal context length
+    (number of 77-token windows of prompt and negative prompt), in order, ``batch_size`` at a time."""
+    n = len(prompts)
+    if options.batch_invariant or n == 1:
+        return [[i] for i in range(n)]
+    windows = context_windows(model, [*prompts, *negative])
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(max(windows[i], windows[n + i]), []).append(i)
+    size = options.batch_size or n
+    return [rows[k : k + size] for rows in groups.values() for k in range(0, len(rows), size)]
+
+
+def context_windows(model: torch.nn.Module, texts: Sequence[str]) -> list[int]:
+    """Number of 77-token windows each text needs (the most over the model's text encoders; 1 without any)."""
+    encoders = [getattr(model, "cond_stage_model", None)]
+    conditioner = dict(model.named_children()).get("conditioner")
+    encoders += list(getattr(conditioner, "embedders", []))
+    counts = [1] * len(texts)
+    for encoder in encoders:
+        if encoder is not None and callable(getattr(encoder, "chunked_tokens", None)):
+            for i, text in enumerate(texts):
+                counts[i] = max(counts[i], int(encoder.chunked_tokens([text]).shape[1]))
+    return counts
 
 
 def _generate_batch(model, prompts: list[str], negative: list[str], seeds: list[int], init_image, mask, *, sampler, steps,

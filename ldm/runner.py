@@ -27,7 +27,8 @@ from ldm.cli_errors import check_overrides, guarded
 from ldm.files import atomic_write, sha256_file
 from ldm.offload import enable_offload
 from ldm.vae_file import replace_vae
-from ldm.generation import check_memory, generate, prepare_for_inference
+from ldm.generation import batch_plan, check_memory, generate, prepare_for_inference
+from ldm.progress import RunProgress
 from ldm.models.diffusion.sampling.core import MAX_SEED
 from ldm.image_io import image_to_tensor, make_grid, mask_to_tensor, open_image, read_metadata, save_png
 from ldm.run_config import (TASKS, Settings, apply_model_defaults, apply_regeneration, build_metadata, check_outdir,
@@ -172,13 +173,20 @@ def _generate_and_write(job: Job, model: torch.nn.Module, refiner: Optional[torc
     per_iteration = len(job.prompts) * s.n_samples
     seeds = image_seeds(s.seed, per_iteration * s.n_iter, s.fixed_code)
     options = declaration.sampling_settings(s)
-    samples, shown, k = [], [], 0
-    for _ in range(s.n_iter):
-        for prompt in job.prompts:  # one call per prompt: n_samples images, saved as soon as they exist
-            batch, k = seeds[k : k + s.n_samples], k + s.n_samples
-            images = generate(model, [prompt] * len(batch), options, seeds=batch, init_image=job.init_image,
-                              mask=job.mask, progress=progress, refiner=refiner)
-            for image, seed in zip(images, batch):
+    # Every image of the run in order (iteration, prompt, sample), run batch_size at a time (default n_samples)
+    # with one progress bar; each batch is saved as soon as it exists.
+    run = [(prompt, seeds[k]) for k, prompt in enumerate(p for _ in range(s.n_iter) for p in job.prompts
+                                                            for _ in range(s.n_samples))]
+    size = s.batch_size or s.n_samples
+    batches = [run[k : k + size] for k in range(0, len(run), size)]
+    plans = sum(len(batch_plan(model, [p for p, _ in b], [options.negative_prompt] * len(b), options)) for b in batches)
+    bar = RunProgress(plans, options.steps, progress)
+    samples, shown = [], []
+    try:
+        for batch in batches:
+            images = generate(model, [p for p, _ in batch], options, seeds=[seed for _, seed in batch],
+                              init_image=job.init_image, mask=job.mask, progress=bar, refiner=refiner)
+            for image, (prompt, seed) in zip(images, batch):
                 if not s.skip_save:
                     meta = build_metadata(job.task, s, prompt=prompt, seed=seed, config=job.config, ckpt=job.ckpt,
                                           model_sha256=job.model_sha256, inputs=job.inputs)
@@ -187,6 +195,8 @@ def _generate_and_write(job: Job, model: torch.nn.Module, refiner: Optional[torc
                     index += 1
             if not s.skip_grid:
                 shown.append(images.cpu())
+    finally:
+        bar.close()
     grid = None
     if shown:
         grid = job.outdir / f"grid-{_next_index(job.outdir, GRID_PATTERN):04d}.png"

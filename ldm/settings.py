@@ -148,11 +148,15 @@ class SamplingSettings:
                                "memory follows the tile, for large images; slightly different pixels")
     vae_tile_size: int = setting(64, "latent pixels per VAE tile (x8 image pixels), overlapping by a quarter",
                                  check=at_least(16))
-    vae_slicing: bool = setting(False, "decode a batch one image at a time (same pixels, less memory; for "
-                                "batch_invariant=false, which otherwise decodes the batch at once)")
+    vae_slicing: bool = setting(False, "decode a batch one image at a time (same pixels, less memory)")
     precision: str = setting("fp32", "fp32 | bf16 | fp16 (weights in that dtype) | autocast (CompVis: full)",
                              choices=_precisions, value_aliases={"full": "fp32"})
-    batch_invariant: bool = setting(True, "compute each image on its own: bit-identical whatever else is in the batch")
+    batch_invariant: bool = setting(False, "compute each image on its own: bit-identical whatever else is in the batch "
+                                    "(slower); default: images run batch_size at a time, equal to a lone run up to "
+                                    "kernel rounding")
+    batch_size: Optional[int] = setting(None, "images per batch through the text encoder, UNet and VAE; null = "
+                                        "n_samples in the scripts, all images of a generate() call in Python",
+                                        check=at_least(1))
 
 
 @dataclass

@@ -1,0 +1,90 @@
+"""Batched generation (the default): equal to per-image runs up to kernel rounding, grouped so that long prompts
+never pad their neighbours, chunked by batch_size, one progress bar per run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import randomize_
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs/tiny/tiny-sd1.yaml"
+LONG = " ".join(["cat"] * 80)  # two 77-token windows
+ATOL = 2e-4  # measured: ~1e-6 here; the bound leaves room for other CPUs' kernels
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from ldm.api import build_model
+
+    return randomize_(build_model(TINY).eval(), seed=3)
+
+
+def _alone(model, prompts, seeds, **options):
+    from ldm.generation import generate
+
+    return torch.cat([generate(model, [p], seeds=[s], progress=False, **options) for p, s in zip(prompts, seeds)])
+
+
+def test_batched_images_equal_lone_images_up_to_rounding(tiny):
+    from ldm.generation import generate
+
+    prompts = ["a red square", "a blue circle", "a green star", "a cat"]
+    seeds = [5, 6, 7, 8]
+    options = dict(steps=3, height=32, width=32, guidance_scale=4.0, sampler="euler_a")
+    batched = generate(tiny, prompts, seeds=seeds, progress=False, **options)
+    alone = _alone(tiny, prompts, seeds, **options)
+    assert (batched - alone).abs().max() < ATOL
+    # not trivially equal: the images differ from each other
+    assert (batched[0] - batched[1]).abs().max() > 0.05
+    # batch_invariant=True: each image on its own, bit for bit
+    exact = generate(tiny, prompts, seeds=seeds, progress=False, batch_invariant=True, **options)
+    assert torch.equal(exact, alone)
+    # chunks of 3 then 1: same images
+    chunked = generate(tiny, prompts, seeds=seeds, progress=False, batch_size=3, **options)
+    assert (chunked - alone).abs().max() < ATOL
+
+
+def test_long_prompts_do_not_share_a_batch_with_short_ones(tiny):
+    from ldm.generation import batch_plan, context_windows, generate
+    from ldm.settings import SamplingSettings
+
+    prompts = ["a red square", LONG, "a cat", LONG + " again"]
+    assert context_windows(tiny, prompts) == [1, 2, 1, 2]
+    plan = batch_plan(tiny, prompts, [""] * 4, SamplingSettings())
+    assert plan == [[0, 2], [1, 3]]
+    assert batch_plan(tiny, prompts, [""] * 4, SamplingSettings(batch_size=1)) == [[0], [2], [1], [3]]
+    assert batch_plan(tiny, prompts, ["", LONG, "", ""], SamplingSettings()) == [[0, 2], [1, 3]]
+    assert batch_plan(tiny, prompts[:1], [LONG], SamplingSettings()) == [[0]]
+    assert batch_plan(tiny, prompts, [""] * 4, SamplingSettings(batch_invariant=True)) == [[0], [1], [2], [3]]
+
+    options = dict(steps=2, height=32, width=32, guidance_scale=3.0)
+    batched = generate(tiny, prompts, seeds=[1, 2, 3, 4], progress=False, **options)
+    alone = _alone(tiny, prompts, [1, 2, 3, 4], **options)
+    assert (batched - alone).abs().max() < ATOL
+    # What the grouping prevents: a short prompt batched with a long one sees a padded context.
+    from ldm.generation import encode_prompts
+
+    padded = encode_prompts(tiny, ["a red square", LONG], ["", ""])[0][0]
+    own = encode_prompts(tiny, ["a red square"], [""])[0][0]
+    assert padded.shape[0] == 2 * own.shape[0]
+
+
+def test_one_progress_bar_counts_every_step_of_every_batch(tiny):
+    from ldm.generation import generate
+    from ldm.progress import RunProgress
+
+    seen = []
+    bar = RunProgress(batches=2, steps=4, enabled=False)
+    for rows in ([0, 1], [2]):
+        generate(tiny, ["a"] * len(rows), seeds=rows, progress=bar, steps=4, height=32, width=32,
+                 callback=lambda info: seen.append(info["i"]))
+    assert bar.steps_done == 8 and bar.total == 8 and seen == [0, 1, 2, 3] * 2
+    # img2img runs fewer steps than asked: the total follows the first batch
+    bar = RunProgress(batches=2, steps=10, enabled=False)
+    init = torch.zeros(1, 3, 32, 32)
+    for _ in range(2):
+        generate(tiny, ["a"], seeds=[0], progress=bar, steps=10, strength=0.5, init_image=init, height=32, width=32)
+    assert bar.steps_done == 10 and bar.total == 10
