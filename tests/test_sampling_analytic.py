@@ -170,3 +170,17 @@ def test_bad_sampler_and_eta_are_clear_errors():
         sample(model, None, sampler="plms", steps=5, shape=(1, 4, 4), seeds=[0], eta=0.5)
     with pytest.raises(ValueError, match="strength"):
         sample(model, None, sampler="ddim", steps=5, shape=(1, 4, 4), seeds=[0], init_latent=torch.zeros(1, 1, 4, 4), strength=1.5)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 7, 30, 50, 999, 1000])
+def test_uniform_and_quad_spacings_run_exactly_the_asked_steps(steps):
+    """``steps=30`` is 30 denoiser calls (CompVis' uniform spacing ran 31, and 3 -> 4 past the schedule)."""
+    from ldm.models.diffusion.sampling.discretization import compvis_timesteps, spaced_timesteps
+
+    for kind in ("uniform", "quad"):
+        ts = compvis_timesteps(kind, steps)
+        assert len(ts) == steps and ts.min() >= 0 and ts.max() <= 999 and np.all(np.diff(ts) >= 0), (kind, ts)
+    if steps < 1000:  # uniform is diffusers' "leading" spacing with steps_offset=1
+        assert np.array_equal(compvis_timesteps("uniform", steps), spaced_timesteps("leading", steps))
+    if 1000 % steps == 0:  # where upstream's count was right, its values are kept
+        assert np.array_equal(compvis_timesteps("uniform", steps), np.arange(0, 1000, 1000 // steps) + (steps < 1000))

@@ -72,9 +72,6 @@ def make_ddim_timesteps(ddim_discr_method: str, num_ddim_timesteps: int, num_ddp
     from ldm.models.diffusion.sampling.discretization import compvis_timesteps  # lazy: that package imports this one
 
     steps = compvis_timesteps(ddim_discr_method, int(num_ddim_timesteps), int(num_ddpm_timesteps))
-    steps = steps[: int(num_ddim_timesteps)]
-    if steps[-1] >= num_ddpm_timesteps:
-        steps = steps - 1
     if verbose:
         print(f"Selected timesteps for ddim sampler: {steps}")
     return steps

@@ -14,10 +14,11 @@ from ldm.models.diffusion.sampling.denoiser import DiscreteDenoiser
 
 
 def compvis_timesteps(kind: str, num_steps: int, num_train: int = 1000) -> np.ndarray:
-    """CompVis ``make_ddim_timesteps``: ascending, +1 so the last step lands on alpha_bar[0].
+    """CompVis ``make_ddim_timesteps``: ascending, +1 so the last step lands on alpha_bar[0]; exactly ``num_steps``.
 
-    Like CompVis, "uniform" takes every ``num_train // num_steps``-th step, which gives one extra
-    step when ``num_steps`` does not divide ``num_train`` (e.g. 30 -> 31 steps).
+    "uniform" takes every ``num_train // num_steps``-th step. Upstream kept all of them, one or more steps
+    too many when ``num_steps`` does not divide ``num_train`` (30 -> 31, 3 -> 4, the last past the schedule);
+    here the first ``num_steps`` (diffusers' "leading" spacing), as :func:`make_ddim_timesteps` does.
     """
     if not 1 <= num_steps <= num_train:
         raise ValueError(f"steps must be in [1, {num_train}], got {num_steps}")
@@ -27,7 +28,8 @@ def compvis_timesteps(kind: str, num_steps: int, num_train: int = 1000) -> np.nd
         ts = (np.linspace(0, np.sqrt(num_train * 0.8), num_steps) ** 2).astype(int)
     else:
         raise ValueError(f"unknown CompVis discretization {kind!r}; use uniform or quad")
-    return ts + 1
+    ts = ts[:num_steps] + 1
+    return ts - 1 if ts[-1] >= num_train else ts  # num_steps == num_train: every trained step
 
 
 def spaced_timesteps(kind: str, num_steps: int, num_train: int = 1000, steps_offset: int = 1) -> np.ndarray:
