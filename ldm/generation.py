@@ -132,8 +132,13 @@ def encode_prompts(model: torch.nn.Module, prompts: Sequence[str], negative: Seq
         raise ValueError(f"this model is class-conditional (cond_stage_key {model.cond_stage_key!r}), not text-conditional; "
                          f"sample it with model.sample_log(cond=model.get_learned_conditioning({{{key!r}: labels}}), "
                          "batch_size=len(labels), ddim=True, ddim_steps=50)")
-    both = model.get_learned_conditioning(list(prompts) + list(negative))
-    return both[: len(prompts)], both[len(prompts):]
+    texts = [*prompts, *negative]
+    unique = list(dict.fromkeys(texts))  # n_samples copies of a prompt (and of its negative) are encoded once
+    encoded = model.get_learned_conditioning(unique)
+    if len(unique) < len(texts):
+        encoded = (encoded[[unique.index(t) for t in texts]] if isinstance(encoded, torch.Tensor)
+                   else model.get_learned_conditioning(texts))
+    return encoded[: len(prompts)], encoded[len(prompts):]
 
 
 def has_vector_conditioning(model: torch.nn.Module) -> bool:

@@ -88,3 +88,16 @@ def test_one_progress_bar_counts_every_step_of_every_batch(tiny):
     for _ in range(2):
         generate(tiny, ["a"], seeds=[0], progress=bar, steps=10, strength=0.5, init_image=init, height=32, width=32)
     assert bar.steps_done == 10 and bar.total == 10
+
+
+def test_repeated_prompts_are_encoded_once(tiny, monkeypatch):
+    from ldm.generation import encode_prompts
+
+    calls = []
+    original = tiny.get_learned_conditioning
+    monkeypatch.setattr(tiny, "get_learned_conditioning", lambda texts: calls.append(list(texts)) or original(texts))
+    cond, uncond = encode_prompts(tiny, ["a cat"] * 3 + ["a dog"], [""] * 4)
+    assert calls == [["a cat", "a dog", ""]]
+    full = original(["a cat"] * 3 + ["a dog"] + [""] * 4)
+    assert (torch.cat([cond, uncond]) - full).abs().max() < 1e-5
+    assert torch.equal(cond[0], cond[2]) and torch.equal(uncond[0], uncond[3])
