@@ -139,7 +139,8 @@ def execute(job: Job, model: Optional[torch.nn.Module] = None, *, progress: bool
     compile_ = bool(s.get("compile", False))
     for part, new in ((model, fresh), (refiner, fresh_refiner)):
         if new:
-            prepare_for_inference(part, s.precision, compile=compile_, half_vae=bool(s.get("vae")))
+            prepare_for_inference(part, s.precision, compile=compile_, half_vae=bool(s.get("vae")),
+                                  channels_last=s.get("channels_last"))
     hooks = enable_offload([m for m in (model, refiner) if m is not None], s.device, offload)
     try:
         return _execute(job, model, refiner, progress)

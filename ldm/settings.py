@@ -194,6 +194,8 @@ class RunSettings(SamplingSettings):
                                             "configs/stable-diffusion/sdxl-refiner.yaml", flags=("refiner-config",))
     init_img: Optional[str] = setting(None, "img2img/inpaint: the image to start from; upscale: the low-res input",
                                       flags=("init-img",), tasks=("img2img", "inpaint", "upscale"))
+    channels_last: Optional[bool] = setting(None, "UNet weights and activations channels-last (fewer layout "
+                                            "conversions, faster convolutions); null = on for bf16/fp16")
     mask: Optional[str] = setting(None, "inpaint: white = repaint, black = keep", tasks=("inpaint",))
 
 

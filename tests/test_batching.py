@@ -101,3 +101,25 @@ def test_repeated_prompts_are_encoded_once(tiny, monkeypatch):
     full = original(["a cat"] * 3 + ["a dog"] + [""] * 4)
     assert (torch.cat([cond, uncond]) - full).abs().max() < 1e-5
     assert torch.equal(cond[0], cond[2]) and torch.equal(uncond[0], uncond[3])
+
+
+def test_channels_last_model_gives_the_same_images(tiny):
+    """prepare_for_inference(channels_last=True): weights and activations channels-last, same images (rounding)."""
+    import copy
+
+    from ldm.generation import generate, prepare_for_inference
+
+    model = copy.deepcopy(tiny)
+    options = dict(steps=3, height=32, width=32, guidance_scale=3.0, progress=False)
+    before = generate(model, ["a cat", "a dog"], seeds=[1, 2], **options)
+    prepare_for_inference(model, "fp32", channels_last=True)
+    unet = model.model.diffusion_model
+    assert unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    hook = unet.out.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last)))
+    after = generate(model, ["a cat", "a dog"], seeds=[1, 2], **options)
+    hook.remove()
+    assert seen and all(seen)  # activations stayed channels-last to the end
+    assert (after - before).abs().max() < 1e-3
+    prepare_for_inference(model, "fp32", channels_last=False)
+    assert unet.input_blocks[0][0].weight.is_contiguous()

@@ -186,9 +186,16 @@ class SpatialTransformer(nn.Module):
             x = block(x, context=context[i])
         if self.use_linear:
             x = self.proj_out(x)
-        # contiguous: the transposed view would be channels_last, and a channels_last input makes
-        # every following convolution reorder its weights (a full weight copy per call on CPU).
-        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w).contiguous()
+        # Back in the input's memory format: for a channels_last model the view already is (no copy); for
+        # an NCHW one a channels_last view would make every following convolution reorder its weights.
+        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w).contiguous(memory_format=memory_format_of(x_in))
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """``channels_last`` for a 4-d tensor stored that way (and not also plain-contiguous), else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.attention import memory_format_of
+
 
 def nonlinearity(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
@@ -88,8 +90,8 @@ class AttnBlock(nn.Module):
         b, c, hh, ww = h.shape
         q, k, v = (t.reshape(b, 1, c, hh * ww).transpose(-1, -2) for t in (self.q(h), self.k(h), self.v(h)))
         h = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
-        # contiguous: the view would be channels_last, which slows every later convolution (see attention.py)
-        h = h.transpose(-1, -2).reshape(b, c, hh, ww).contiguous()
+        # in the input's memory format (see attention.py's SpatialTransformer)
+        h = h.transpose(-1, -2).reshape(b, c, hh, ww).contiguous(memory_format=memory_format_of(x))
         return x + self.proj_out(h)
 
 
