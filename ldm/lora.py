@@ -8,7 +8,9 @@ diffusers (``pipe.load_lora_weights``) all read::
     lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha             scalar
     lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight                  (text encoder)
 
-with ``W' = W + scale * alpha / r * up @ down``.
+with ``W' = W + scale * alpha / r * up @ down``. :func:`load_lora` also reads diffusers' and PEFT's layouts
+(``unet.down_blocks.0.attentions.0.proj_in.lora_A.weight``, ``...lora.down.weight``, ``text_encoder.``), as
+``pipe.load_lora_weights`` does: e.g. the LCM-LoRAs (attention, projections, resnet convs, samplers, time embedding).
 
 While adapters are injected, ``model.state_dict()`` keeps every original key unchanged (hooks hide
 peft's ``base_layer.`` level) and adds ``<module>.lora_A.<adapter>.weight`` / ``lora_B`` entries;
@@ -30,7 +32,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ldm.checkpoint import CheckpointError, read_state_dict
+from ldm.checkpoint import CheckpointError, checkpoint_metadata, read_state_dict
 from ldm.files import atomic_output
 from ldm.modules.diffusionmodules.openaimodel import ResBlock, Upsample
 
@@ -132,6 +134,8 @@ def _index(model: nn.Module, compvis_aliases: bool = False) -> dict[str, tuple[n
             if isinstance(mod, _LAYER_TYPES) or _is_lora(mod):
                 for prefix in prefixes[: None if compvis_aliases else 1]:
                     out.setdefault(prefix + "text_model_" + name.replace(".", "_"), (te, name))
+                    if compvis_aliases:  # diffusers' kohya conversion under transformers 5 drops CLIP's text_model level
+                        out.setdefault(prefix + name.replace(".", "_"), (te, name))
     return out
 
 
@@ -208,6 +212,92 @@ def _unload(model: nn.Module, merge: bool) -> nn.Module:
     if hasattr(model, "_lora_requires_grad"):
         del model._lora_requires_grad
     return model
+
+
+# ---------------------------------------------------------------------------- diffusers / PEFT layouts
+_DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "base_model.model.")
+_DIFFUSERS_KINDS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
+                    "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight",
+                    "lora_linear_layer.down.weight": "lora_down.weight", "lora_linear_layer.up.weight": "lora_up.weight",
+                    "alpha": "alpha"}
+_OLD_PROCESSOR = re.compile(r"\.processor\.(to_[qkv]|to_out)_lora\.(down|up)\.weight$")  # diffusers' first LoRA format
+
+
+def _split_diffusers_key(key: str) -> tuple[str, str, str] | None:
+    """(component prefix, module path, kohya kind) of a diffusers/PEFT-layout key, or None if it is none."""
+    prefix = next((p for p in _DIFFUSERS_PREFIXES if key.startswith(p)), None)
+    if prefix is None:
+        return None
+    rest = _OLD_PROCESSOR.sub(lambda m: f".{m[1]}{'.0' if m[1] == 'to_out' else ''}.lora.{m[2]}.weight", key[len(prefix):])
+    for suffix, kind in _DIFFUSERS_KINDS.items():
+        if rest.endswith("." + suffix):
+            return prefix, rest[: -len(suffix) - 1], kind
+    return None
+
+
+def _kohya_module(prefix: str, module: str) -> str:
+    """kohya's name of a diffusers/PEFT module path. Text-encoder paths come with or without CLIP's ``text_model.``
+    level (transformers 4 has it, 5 does not); a PEFT-wrapped model (``base_model.model.``) may be either part."""
+    text = prefix == "text_encoder." or module.startswith(("text_model.", "encoder.layers.", "embeddings."))
+    if not text:
+        return "lora_unet_" + module.replace(".", "_")
+    return "lora_te_" + ("" if module.startswith("text_model.") else "text_model_") + module.replace(".", "_")
+
+
+def _adapter_alpha(config: Mapping[str, object], module: str, rank: int) -> float:
+    """A module's alpha under a PEFT ``LoraConfig`` as diffusers saves it (``lora_alpha``, ``alpha_pattern`` matched
+    as PEFT does, ``use_rslora``); without one, alpha = rank (diffusers' default: scale 1)."""
+    alpha = float(config.get("lora_alpha", rank))
+    for pattern, value in dict(config.get("alpha_pattern") or {}).items():
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                alpha = float(value)
+                break
+        except re.error:
+            raise ValueError(f"load_lora: alpha_pattern {pattern!r} in the file's metadata is not a valid pattern") from None
+    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha  # rsLoRA scales by alpha / sqrt(r)
+
+
+def _from_diffusers_layout(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                           source: str) -> dict[str, torch.Tensor]:
+    """``state`` with its diffusers/PEFT-layout keys (``unet.<module>.lora_A.weight`` ...) in kohya's spelling, each
+    module given the alpha diffusers would use (the file's ``lora_adapter_metadata``, else its rank)."""
+    import json
+
+    try:
+        adapter = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    except ValueError:
+        adapter = None
+    if not isinstance(adapter, dict):
+        raise ValueError(f"load_lora: {source!r} has unreadable lora_adapter_metadata (not a JSON object)")
+    out: dict[str, torch.Tensor] = {}
+    modules: dict[str, tuple[str, str]] = {}
+    for key, tensor in state.items():
+        split = _split_diffusers_key(key)
+        if split is None:
+            if key.startswith(_DIFFUSERS_PREFIXES):
+                raise ValueError(f"load_lora: {key} in {source!r} is not a plain LoRA tensor (DoRA, LoRA biases and "
+                                 "other adapter kinds are not supported)")
+            out[key] = tensor
+            continue
+        prefix, module, kind = split
+        kohya = _kohya_module(prefix, module)
+        out[f"{kohya}.{kind}"] = tensor
+        modules[kohya] = (prefix, module)
+    for kohya, (prefix, module) in modules.items():
+        down = out.get(f"{kohya}.lora_down.weight")
+        if f"{kohya}.alpha" not in out and down is not None:
+            config = _component_config(adapter, prefix, source)
+            out[f"{kohya}.alpha"] = torch.tensor(_adapter_alpha(config, module, down.shape[0]))
+    return out
+
+
+def _component_config(adapter: Mapping[str, object], prefix: str, source: str) -> dict[str, object]:
+    """The ``LoraConfig`` fields diffusers saved for one component (keys ``unet.lora_alpha`` ...)."""
+    config = {k[len(prefix):]: v for k, v in adapter.items() if k.startswith(prefix)}
+    if config.get("use_dora"):
+        raise ValueError(f"load_lora: {source!r} is a DoRA adapter (use_dora); only plain LoRA is supported")
+    return config
 
 
 # ---------------------------------------------------------------------------- public API
@@ -331,10 +421,12 @@ def load_lora(model: nn.Module, path: str | os.PathLike, scale: float = 1.0, *,
         raise ValueError(f"load_lora: scale must be a finite number, got {scale}")
     try:
         state = read_state_dict(path)
+        if any(k.startswith(_DIFFUSERS_PREFIXES) for k in state):
+            state = _from_diffusers_layout(state, checkpoint_metadata(path), os.fspath(path))
     except CheckpointError as err:
         raise ValueError(f"load_lora: {err}") from None
     for key, tensor in state.items():  # checked before the model is touched
-        if not tensor.is_floating_point():
+        if not tensor.is_floating_point() and not (key.endswith(".alpha") and tensor.numel() == 1):  # int alphas: diffusers
             raise ValueError(f"load_lora: {key} in {os.fspath(path)!r} is {tensor.dtype}, not floating point")
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"load_lora: {key} in {os.fspath(path)!r} holds NaN/inf values; the file is damaged")

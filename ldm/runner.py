@@ -28,6 +28,7 @@ from ldm.files import atomic_write, sha256_file
 from ldm.offload import enable_offload
 from ldm.vae_file import replace_vae
 from ldm.generation import batch_plan, check_memory, generate, prepare_for_inference
+from ldm.lora import has_lora, load_lora, merge_lora, remove_lora
 from ldm.progress import RunProgress
 from ldm.models.diffusion.sampling.core import MAX_SEED
 from ldm.image_io import image_to_tensor, make_grid, mask_to_tensor, open_image, read_metadata, save_png
@@ -111,6 +112,11 @@ def prepare(cfg: Mapping[str, Any], task: str, user_keys: Iterable[str] = ()) ->
             raise ValueError(f"VAE file {s.vae!r} not found; pass the path of a .safetensors/.ckpt VAE")
         s.vae = str(Path(s.vae).absolute())
         job.inputs["vae_sha256"] = sha256_file(s.vae)
+    if s.get("lora") is not None:
+        if not Path(s.lora).is_file():
+            raise ValueError(f"LoRA file {s.lora!r} not found; pass the path of a .safetensors LoRA")
+        s.lora = str(Path(s.lora).absolute())
+        job.inputs["lora_sha256"] = sha256_file(s.lora)
     if s.offload == "sequential" and s.compile:
         raise ValueError("compile and offload=sequential do not go together (the layers move during the call); "
                          "drop one, or use offload=model")
@@ -129,6 +135,7 @@ def execute(job: Job, model: Optional[torch.nn.Module] = None, *, progress: bool
     fresh = model is None
     if fresh:
         model = load_model(job.config, job.ckpt, device=load_on, use_ema=bool(s.use_ema))
+    lora_added = s.get("lora") is not None and _apply_lora(model, s.lora, s.lora_scale, merge=fresh)
     fresh_refiner = refiner is None and job.refiner is not None
     if fresh_refiner:  # text encoder 2 and the VAE are the base's own modules when the file holds the same weights
         refiner = load_model(*job.refiner, device=load_on, share_from=model)
@@ -147,6 +154,19 @@ def execute(job: Job, model: Optional[torch.nn.Module] = None, *, progress: bool
     finally:
         if hooks is not None:  # a caller's model is handed back as it came, not wired to move around
             hooks.remove()
+        if lora_added:
+            remove_lora(model)
+
+
+def _apply_lora(model: torch.nn.Module, path: str, scale: float, merge: bool) -> bool:
+    """The run's LoRA file: merged into a model the run loaded itself; a caller's model gets adapters for the run
+    only. Returns whether they are to be removed afterwards."""
+    if not merge and has_lora(model):
+        raise ValueError("lora: the model passed in already has LoRA adapters; merge or remove them first")
+    load_lora(model, path, scale)
+    if merge:
+        merge_lora(model)
+    return not merge
 
 
 def _execute(job: Job, model: torch.nn.Module, refiner: Optional[torch.nn.Module], progress: bool) -> RunResult:
@@ -356,6 +376,8 @@ def _check_recorded_hashes(job: Job, meta: dict, png: str) -> None:
         current["refiner_sha256"] = (job.refiner[1], job.inputs["refiner_sha256"])
     if "vae_sha256" in job.inputs:
         current["vae_sha256"] = (job.settings.vae, job.inputs["vae_sha256"])
+    if "lora_sha256" in job.inputs:
+        current["lora_sha256"] = (job.settings.lora, job.inputs["lora_sha256"])
     for key in ("init_img", "mask"):
         if key in job.inputs:
             current[f"{key}_sha256"] = (job.inputs[key], job.inputs[f"{key}_sha256"])

@@ -177,6 +177,9 @@ class RunSettings(SamplingSettings):
     compile: bool = setting(False, "torch.compile the UNet (the first image pays the compilation)")
     vae: Optional[str] = setting(None, "a VAE weights file that replaces the model's autoencoder (CompVis or diffusers "
                                  "keys), e.g. sdxl-vae-fp16-fix: under precision=fp16 it then decodes in fp16")
+    lora: Optional[str] = setting(None, "a LoRA file (kohya, diffusers or PEFT layout) merged into the UNet / text "
+                                  "encoder before sampling, e.g. an LCM-LoRA with sampler=lcm")
+    lora_scale: float = setting(1.0, "strength of lora (1 = as trained, 0 = off)", check=finite)
     offload: str = setting("none", "none | model (one part on the device at a time: text encoders, UNet, VAE) | "
                            "sequential (one layer at a time; least memory, slowest); for GPUs", recipe=False,
                            choices=lambda: ["none", "model", "sequential"])
@@ -295,7 +298,10 @@ def problems(values: Mapping[str, Any], task: Optional[str] = None, *, timesteps
     if timesteps is not None and steps is not None and steps > timesteps:
         found.append(f"steps must be at most the model's {timesteps} training timesteps, got {steps}")
     if values.get("eta") not in (None, 0) and sampler in SAMPLERS and "eta" not in SAMPLERS[sampler].options:
-        found.append(f"sampler {sampler!r} is deterministic and takes no eta; use ddim, ddpm, euler_a or dpmpp_2m_sde")
+        spec = SAMPLERS[sampler]
+        takes = ", ".join(n for n in sorted(SAMPLERS) if "eta" in SAMPLERS[n].options)
+        found.append(f"sampler {sampler!r} {'' if spec.stochastic else 'is deterministic and '}takes no eta; "
+                     f"use one of {takes}")
     return found
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.sampling import solvers
+from ldm.models.diffusion.sampling import consistency, solvers
 from ldm.models.diffusion.sampling.denoiser import DiscreteDenoiser
 from ldm.models.diffusion.sampling.discretization import get_sigmas
 from ldm.models.diffusion.sampling.guidance import CFGDenoiser, MaskedDenoiser
@@ -29,6 +29,8 @@ class SamplerSpec:
     final: str = "zero"  # "t0": end at alpha_bar[0] like CompVis DDIM/PLMS
     options: dict = field(default_factory=dict)
     stochastic: bool = False
+    schedule: bool = False  # the solver takes ``schedule=`` (the denoiser: sigma <-> training timestep)
+    distilled: bool = False  # guidance_scale <= 1 means no guidance, one UNet call a step (diffusers' rule)
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -41,6 +43,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpmpp_2m": SamplerSpec(solvers.sample_dpmpp_2m, "karras"),
     "dpmpp_3m": SamplerSpec(solvers.sample_dpmpp_3m, "karras"),
     "dpmpp_2m_sde": SamplerSpec(solvers.sample_dpmpp_2m_sde, "karras", "zero", {"eta": 1.0}, stochastic=True),
+    "lcm": SamplerSpec(consistency.sample_lcm, "lcm", stochastic=True, schedule=True, distilled=True),
+    "tcd": SamplerSpec(consistency.sample_tcd, "lcm", "t0", {"eta": 0.3}, stochastic=True, schedule=True,
+                       distilled=True),
 }
 
 
@@ -118,10 +123,16 @@ def sample(
     if eta is not None:
         if "eta" not in options:
             if eta != 0:
-                raise ValueError(f"sampler {sampler!r} is deterministic and takes no eta; use ddim, euler_a or dpmpp_2m_sde")
+                takes = ", ".join(n for n in sampler_names() if "eta" in SAMPLERS[n].options)
+                raise ValueError(f"sampler {sampler!r} {'' if spec.stochastic else 'is deterministic and '}takes no eta; "
+                                 f"use one of {takes}")
         else:
             options["eta"] = float(eta)
     den = denoiser or DiscreteDenoiser(model)
+    if spec.schedule:
+        options["schedule"] = den
+    if spec.distilled and guidance_scale <= 1:
+        uncond = None  # LCM-LoRA etc. run unguided at scale 1 (or below), as in diffusers: one UNet call per step
     device = execution_device(model)
     dtype = torch.float32
     if sigmas is None:

@@ -43,6 +43,24 @@ def spaced_timesteps(kind: str, num_steps: int, num_train: int = 1000, steps_off
     raise ValueError(f"unknown spacing {kind!r}")
 
 
+def lcm_timesteps(num_steps: int, num_train: int = 1000, original_steps: int = 50) -> np.ndarray:
+    """Latent consistency models' spacing (diffusers' ``LCMScheduler`` / ``TCDScheduler``), ascending.
+
+    The model was distilled on a skipping-step grid of ``original_steps`` timesteps, ``k - 1, 2k - 1, ...,
+    num_train - 1`` with ``k = num_train // original_steps``; a run visits ``num_steps`` of them, evenly
+    spaced by index from the top of the grid.
+    """
+    if not 1 <= original_steps <= num_train:
+        raise ValueError(f"original_steps must be in [1, {num_train}], got {original_steps}")
+    if not 1 <= num_steps <= original_steps:
+        raise ValueError(f"the lcm schedule takes 1 to {original_steps} steps (its distillation grid), got {num_steps}; "
+                         "use fewer steps (LCM: 2 to 8)")
+    k = num_train // original_steps
+    grid = np.arange(original_steps, 0, -1) * k - 1  # descending
+    picks = np.floor(np.linspace(0, original_steps, num_steps, endpoint=False)).astype(np.int64)
+    return grid[picks][::-1].copy()
+
+
 def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. (2022) schedule: uniform in sigma^(1/rho)."""
     ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
@@ -54,7 +72,7 @@ def exponential_sigmas(num_steps: int, sigma_min: float, sigma_max: float) -> to
     return torch.linspace(math.log(sigma_max), math.log(sigma_min), num_steps, dtype=torch.float64).exp().float()
 
 
-DISCRETIZATIONS = ("uniform", "quad", "leading", "trailing", "linspace", "karras", "exponential")
+DISCRETIZATIONS = ("uniform", "quad", "leading", "trailing", "linspace", "karras", "exponential", "lcm")
 
 
 def get_sigmas(denoiser: DiscreteDenoiser, kind: str, num_steps: int, final: str = "zero") -> torch.Tensor:
@@ -65,6 +83,8 @@ def get_sigmas(denoiser: DiscreteDenoiser, kind: str, num_steps: int, final: str
     if kind in ("karras", "exponential"):
         lo, hi = float(denoiser.sigma_min), float(denoiser.sigma_max)
         sig = karras_sigmas(num_steps, lo, hi) if kind == "karras" else exponential_sigmas(num_steps, lo, hi)
+    elif kind == "lcm":
+        return sigmas_from_timesteps(denoiser, lcm_timesteps(num_steps, n), final)
     else:
         ts = compvis_timesteps(kind, num_steps, n) if kind in ("uniform", "quad") else spaced_timesteps(kind, num_steps, n)
         return sigmas_from_timesteps(denoiser, ts, final)
