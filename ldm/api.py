@@ -31,6 +31,10 @@ def load_config(config: ConfigLike) -> DictConfig:
     """The ``model`` node of a config file or mapping (a bare ``target``/``params`` node is accepted)."""
     if isinstance(config, (str, os.PathLike)):
         path = bundled(config)  # "configs/..." also names a bundled config, from any folder
+        if path.is_dir():  # a diffusers folder: the config follows from its model_index.json and component configs
+            from ldm.diffusers_folder import folder_config
+
+            return folder_config(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found; pass the model YAML, e.g. configs/stable-diffusion/v1-inference.yaml")
         cfg = load_yaml(path)
@@ -58,7 +62,7 @@ def build_model(config: ConfigLike, *, empty: bool = False, **param_overrides: A
 
 
 def load_model(
-    config: ConfigLike,
+    config: Optional[ConfigLike],
     ckpt: Optional[Union[str, os.PathLike]] = None,
     *,
     device: Union[str, torch.device] = "cpu",
@@ -77,7 +81,19 @@ def load_model(
     ``share_from``: an already loaded model whose autoencoder / conditioner embedders this one reuses
     (the same module objects, not a copy) where the file holds exactly the same weights: the SDXL
     refiner's OpenCLIP bigG text encoder and VAE are the base's.
+
+    ``ckpt`` may be a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ...; also accepted as ``config``
+    alone): ``config=None`` derives the config from it (:mod:`ldm.diffusers_folder`).
     """
+    from ldm.diffusers_folder import folder_state_dict, is_diffusers_folder
+
+    folder = ckpt if is_diffusers_folder(ckpt) else None
+    if ckpt is None and is_diffusers_folder(config):
+        folder = ckpt = config
+    if config is None:
+        if folder is None:
+            raise ConfigError("load_model needs a config unless ckpt is a diffusers folder")
+        config = folder
     # Inference builds never carry an EMA copy; EMA weights are chosen from the file instead.
     node = load_config(config).copy()
     overrides: dict[str, Any] = {"use_ema": False} if _has_ema_option(node) else {}
@@ -91,8 +107,10 @@ def load_model(
         if dtype is not None:
             model = model.to(dtype)
     else:
-        state = read_state_dict(ckpt, allow_unsafe_pickle=allow_unsafe_pickle)
+        state = read_state_dict(ckpt, allow_unsafe_pickle=allow_unsafe_pickle) if folder is None else None
         model = build_model(node, empty=True, **overrides)
+        if state is None:
+            state = folder_state_dict(folder, model, node)
         names = [f"model.{n}" for n, _ in model.model.named_parameters()] if hasattr(model, "model") else []
         state = split_ema(state, names, use_ema)
         shared = share_parts(model, share_from, state) if share_from is not None else []

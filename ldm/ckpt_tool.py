@@ -4,6 +4,8 @@
   python scripts/ckpt_tool.py inspect  FILE
   python scripts/ckpt_tool.py check    FILE --config configs/stable-diffusion/v1-inference.yaml [--ema]
   python scripts/ckpt_tool.py convert  IN OUT.safetensors [--ema] [--dtype fp16] [--drop-ema]
+  python scripts/ckpt_tool.py convert  IN.safetensors OUT_FOLDER [--config CFG] [--ema] [--dtype fp16]  (to diffusers)
+  python scripts/ckpt_tool.py convert  DIFFUSERS_FOLDER OUT.safetensors [--config CFG] [--dtype fp16]  (from diffusers)
 
 Errors are printed as one line (exit code 2); nothing is half-written.
 """
@@ -15,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # any other output of convert is a diffusers folder
 PARTS = {"model.diffusion_model.": "unet", "first_stage_model.": "vae", "cond_stage_model.": "text encoder",
          "model_ema.": "ema", "conditioner.": "text encoder"}
 
@@ -52,6 +55,15 @@ def cmd_convert(args) -> None:
 
     from ldm.checkpoint import read_state_dict, save_state_dict
 
+    if Path(args.input).is_dir() or Path(args.output).suffix.lower() not in CHECKPOINT_SUFFIXES:
+        from ldm.diffusers_convert import convert
+
+        dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+        print(convert(args.input, args.output, config=args.config, use_ema=args.ema, dtype=dtype,
+                      allow_unsafe_pickle=args.unsafe_pickle))
+        return
+    if args.config is not None:
+        raise SystemExit("error: --config is for conversions to or from a diffusers folder; drop it")
     sd = read_state_dict(args.input, allow_unsafe_pickle=args.unsafe_pickle)
     if args.ema:
         ema = {k[len("model_ema."):]: v for k, v in sd.items() if k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates")}
@@ -83,9 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--ema", action="store_true", help="use the EMA weights")
     p.set_defaults(func=cmd_check)
-    p = sub.add_parser("convert", help="rewrite as safetensors (optionally EMA-only, fp16)", parents=[common])
-    p.add_argument("input")
-    p.add_argument("output")
+    p = sub.add_parser("convert", help="rewrite as safetensors (optionally EMA-only, fp16), or to/from a diffusers "
+                       "folder", parents=[common])
+    p.add_argument("input", help="a checkpoint file, or a diffusers folder (then OUT is a .safetensors file)")
+    p.add_argument("output", help="OUT.safetensors/.ckpt, or a new folder name: a diffusers folder")
+    p.add_argument("--config", help="model YAML of the checkpoint side of a diffusers conversion, when it cannot be "
+                   "inferred (e.g. SD 2.x eps or v)")
     p.add_argument("--ema", action="store_true", help="replace model weights by their EMA and drop model_ema.*")
     p.add_argument("--drop-ema", action="store_true", help="drop model_ema.* keys")
     p.add_argument("--dtype", choices=sorted(DTYPES))

@@ -203,21 +203,31 @@ def resolve_model(config: Optional[str], ckpt: Optional[str]) -> tuple[Path, Pat
             raise ConfigError(f"no model given and the bundled demo model ({DEMO_CKPT}) is not installed; "
                               "pass --ckpt and --config")
         return DEMO_CONFIG, DEMO_CKPT
+    if ckpt is not None and Path(ckpt).expanduser().is_dir():  # a diffusers folder carries its own config
+        config = ckpt if config is None else config
     if config is None:
         raise ConfigError(f"--ckpt needs --config, the model YAML that matches it; see {README_TABLE}")
     if ckpt is None:
         raise ConfigError(f"--config needs --ckpt, the weights to sample from; see {README_TABLE}")
     config_path = bundled(Path(config).expanduser()).absolute()  # "configs/..." also names a bundled config
     ckpt_path = Path(ckpt).expanduser().absolute()
+    if ckpt_path.is_dir():
+        from ldm.diffusers_folder import read_configs
+
+        read_configs(ckpt_path)  # a wrong or incomplete folder fails here, in one line
+        if config_path == ckpt_path:
+            return config_path, ckpt_path
     if not config_path.is_file():
         raise ConfigError(f"config file {config!r} not found; pass the model YAML, see {README_TABLE}")
-    if not ckpt_path.is_file():
+    if not ckpt_path.is_file() and not ckpt_path.is_dir():
         raise CheckpointError(f"checkpoint not found: {ckpt}; check the path")
     return config_path, ckpt_path
 
 
 def model_sampling_defaults(config_path: Path) -> dict[str, Any]:
     """The ``sampling:`` mapping of a model config (e.g. the demo's native size and steps), or {}."""
+    if config_path.is_dir():  # a diffusers folder
+        return {}
     cfg = load_yaml(config_path)
     node = cfg.get("sampling") if isinstance(cfg, DictConfig) else None
     if node is None:

@@ -24,6 +24,7 @@ from ldm import paths
 from ldm import settings as declaration
 from ldm.api import load_config, load_model
 from ldm.cli_errors import check_overrides, guarded
+from ldm.diffusers_folder import sha256_of
 from ldm.files import atomic_write, sha256_file
 from ldm.offload import enable_offload
 from ldm.vae_file import replace_vae
@@ -104,7 +105,7 @@ def prepare(cfg: Mapping[str, Any], task: str, user_keys: Iterable[str] = ()) ->
         job.refiner = resolve_model(s.refiner_config or str(CONFIG_DIR / "stable-diffusion" / "sdxl-refiner.yaml"),
                                     s.refiner_ckpt)
         s.refiner_config, s.refiner_ckpt = map(str, job.refiner)
-        job.inputs["refiner_sha256"] = sha256_file(job.refiner[1])
+        job.inputs["refiner_sha256"] = sha256_of(job.refiner[1])
     elif s.refiner_config is not None:
         raise ValueError("refiner_config needs refiner_ckpt (--refiner FILE)")
     if s.vae is not None:
@@ -120,7 +121,7 @@ def prepare(cfg: Mapping[str, Any], task: str, user_keys: Iterable[str] = ()) ->
     if s.offload == "sequential" and s.compile:
         raise ValueError("compile and offload=sequential do not go together (the layers move during the call); "
                          "drop one, or use offload=model")
-    job.model_sha256 = sha256_file(ckpt)
+    job.model_sha256 = sha256_of(ckpt)  # a file's, or a diffusers folder's (its files')
     if meta is not None:
         _check_recorded_hashes(job, meta, cfg.regenerate)
     return job
