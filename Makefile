@@ -4,13 +4,16 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-fast demo demo-model bench-load bench-txt2img bench-vae bench-sdxl
+.PHONY: setup test test-fast demo demo-model webui bench-load bench-txt2img bench-vae bench-sdxl
 
 setup:
 	@LDM_VENV=$(VENV) bash scripts/setup_env.sh
 
 demo: setup
 	$(PY) scripts/txt2img.py --prompt "a handwritten digit seven" --n_samples 8
+
+webui: setup
+	$(PY) scripts/webui.py
 
 demo-model: setup
 	$(PY) scripts/build_demo.py

@@ -128,8 +128,11 @@ def prepare(cfg: Mapping[str, Any], task: str, user_keys: Iterable[str] = ()) ->
 
 
 def execute(job: Job, model: Optional[torch.nn.Module] = None, *, progress: bool = True,
-            refiner: Optional[torch.nn.Module] = None) -> RunResult:
-    """Generate ``job``'s images and write them, the grid and ``config.yaml`` into its outdir."""
+            refiner: Optional[torch.nn.Module] = None, callback: Optional[Callable[[dict], None]] = None) -> RunResult:
+    """Generate ``job``'s images and write them, the grid and ``config.yaml`` into its outdir.
+
+    ``callback`` is called after every denoising step (see :func:`ldm.generation.generate`); an exception it
+    raises stops the run, which then takes back the files it wrote (a way to cancel)."""
     s = job.settings
     offload = s.get("offload", "none")
     load_on = "cpu" if offload != "none" else s.device
@@ -151,7 +154,7 @@ def execute(job: Job, model: Optional[torch.nn.Module] = None, *, progress: bool
                                   channels_last=s.get("channels_last"))
     hooks = enable_offload([m for m in (model, refiner) if m is not None], s.device, offload)
     try:
-        return _execute(job, model, refiner, progress)
+        return _execute(job, model, refiner, progress, callback)
     finally:
         if hooks is not None:  # a caller's model is handed back as it came, not wired to move around
             hooks.remove()
@@ -170,12 +173,13 @@ def _apply_lora(model: torch.nn.Module, path: str, scale: float, merge: bool) ->
     return not merge
 
 
-def _execute(job: Job, model: torch.nn.Module, refiner: Optional[torch.nn.Module], progress: bool) -> RunResult:
+def _execute(job: Job, model: torch.nn.Module, refiner: Optional[torch.nn.Module], progress: bool,
+             callback: Optional[Callable[[dict], None]] = None) -> RunResult:
     sample_dir = job.outdir / "samples"
     new_dirs = [d for d in (job.outdir, sample_dir) if not d.exists()]
     written: list[Path] = []
     try:
-        return _generate_and_write(job, model, refiner, sample_dir, written, progress)
+        return _generate_and_write(job, model, refiner, sample_dir, written, progress, callback)
     except Exception:  # a late failure takes back what this run wrote; earlier runs' files stay
         for path in written:
             path.unlink(missing_ok=True)
@@ -186,7 +190,8 @@ def _execute(job: Job, model: torch.nn.Module, refiner: Optional[torch.nn.Module
 
 
 def _generate_and_write(job: Job, model: torch.nn.Module, refiner: Optional[torch.nn.Module], sample_dir: Path,
-                        written: list[Path], progress: bool) -> RunResult:
+                        written: list[Path], progress: bool,
+                        callback: Optional[Callable[[dict], None]] = None) -> RunResult:
     s = job.settings
     job.outdir.mkdir(parents=True, exist_ok=True)
     if not s.skip_save:
@@ -207,7 +212,8 @@ def _generate_and_write(job: Job, model: torch.nn.Module, refiner: Optional[torc
     try:
         for batch in batches:
             images = generate(model, [p for p, _ in batch], options, seeds=[seed for _, seed in batch],
-                              init_image=job.init_image, mask=job.mask, progress=bar, refiner=refiner)
+                              init_image=job.init_image, mask=job.mask, progress=bar, refiner=refiner,
+                              callback=callback)
             for image, (prompt, seed) in zip(images, batch):
                 if not s.skip_save:
                     meta = build_metadata(job.task, s, prompt=prompt, seed=seed, config=job.config, ckpt=job.ckpt,
