@@ -113,6 +113,10 @@ def load_model(
             state = folder_state_dict(folder, model, node)
         names = [f"model.{n}" for n, _ in model.model.named_parameters()] if hasattr(model, "model") else []
         state = split_ema(state, names, use_ema)
+        if hasattr(model, "depth_model"):  # SD 2 depth: MiDaS weights from midas_weights, else the file's (or none)
+            from ldm.modules.midas.api import fill_depth_weights
+
+            state = fill_depth_weights(model, state)
         shared = share_parts(model, share_from, state) if share_from is not None else []
         try:
             load_into_model(model, state, strict=strict, dtype=dtype, optional_keys=OPTIONAL_KEYS,
@@ -182,7 +186,8 @@ def save_model(model: torch.nn.Module, path: Union[str, os.PathLike], *, dtype: 
 def guess_architecture(shapes: Mapping[str, tuple]) -> str:
     """A human label for a CompVis-layout state dict, from its key names and first conv."""
     first = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
-    inpaint = {9: " inpainting", 7: " x4 upscaler"}.get(first[1], "") if first is not None and len(first) > 1 else ""
+    kinds = {9: " inpainting", 7: " x4 upscaler", 5: " depth"}
+    inpaint = kinds.get(first[1], "") if first is not None and len(first) > 1 else ""
     if any(k.startswith("cond_stage_model.transformer.") for k in shapes):
         return "SD 1.x" + inpaint
     if any(k.startswith("cond_stage_model.model.") for k in shapes):

@@ -1,4 +1,5 @@
-"""Console commands (``ldm-txt2img``, ``ldm-img2img``, ``ldm-inpaint``, ``ldm-upscale``, ``ldm-train``, ``ldm-ckpt``).
+"""Console commands (``ldm-txt2img``, ``ldm-img2img``, ``ldm-inpaint``, ``ldm-upscale``, ``ldm-depth2img``,
+``ldm-train``, ``ldm-ckpt``).
 
 The same entry points as ``scripts/*.py`` and ``main.py`` in a checkout; installed, they work from any folder.
 Each returns / exits with 0 on success and 2 on a user error (one line on stderr).
@@ -43,6 +44,13 @@ def upscale_main(cfg: DictConfig) -> None:
     hydra_task(cfg, "upscale")
 
 
+@hydra.main(config_path=str(CONFIG_DIR), config_name="depth2img", version_base=None)
+def depth2img_main(cfg: DictConfig) -> None:
+    from ldm.runner import hydra_task
+
+    hydra_task(cfg, "depth2img")
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
 def train_main(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
@@ -77,6 +85,10 @@ def run_upscale(argv: Optional[Sequence[str]] = None) -> int:
     return _task(upscale_main, "upscale", argv)
 
 
+def run_depth2img(argv: Optional[Sequence[str]] = None) -> int:
+    return _task(depth2img_main, "depth2img", argv)
+
+
 def txt2img() -> None:
     sys.exit(run_txt2img())
 
@@ -91,6 +103,10 @@ def inpaint() -> None:
 
 def upscale() -> None:
     sys.exit(run_upscale())
+
+
+def depth2img() -> None:
+    sys.exit(run_depth2img())
 
 
 def train() -> None:

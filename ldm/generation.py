@@ -38,18 +38,18 @@ def prepare_for_inference(model: torch.nn.Module, precision: str = "fp32", compi
     ``torch._inductor.config.freezing`` for the process; inference only: later changes to the
     weights, e.g. merging a LoRA, are not seen by the compiled UNet). The first call pays the
     compilation, about a minute on 2 CPU cores, and each new image size compiles again.
-    """
-    check_precision(precision)
 
     ``channels_last`` (default: on for bf16 / fp16) stores the UNet's convolution weights channels-last, so
     activations stay in that layout from the first convolution on: no layout conversions around the
     attention blocks, and the CPU's (oneDNN) and GPU's (tensor core) convolution kernels run without reorders.
+    """
+    check_precision(precision)
     dtype = LOW_PRECISION.get(precision)
-    if dtype is not None:
-        model.model.to(dtype)
     if channels_last is None:
         channels_last = dtype is not None
     model.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if dtype is not None:
+        model.model.to(dtype)
         for encoder in model.conditioner.text_encoders() if hasattr(model, "conditioner") else []:
             encoder.to(dtype)
         if precision == "bf16" or half_vae:
@@ -226,6 +226,7 @@ def generate(
     callback: Optional[Callable[[dict], None]] = None,
     progress: Union[bool, RunProgress] = True,
     refiner: Optional[torch.nn.Module] = None,
+    depth_map: Optional[torch.Tensor] = None,
     **changes: Any,
 ) -> torch.Tensor:
     """Images ``[B, 3, H, W]`` in [0, 1] for ``prompts`` (one seed per prompt).
@@ -237,6 +238,8 @@ def generate(
     ``refiner`` (an SDXL refiner, sharing nothing with ``model`` but the latent space) finishes each image:
     as an ensemble of experts taking over at ``refiner_switch`` of the schedule, or, with ``refiner_strength``,
     as img2img on the base's finished latents.
+
+    SD 2 depth models (:mod:`ldm.depth2img`) see the depth of ``init_image``, or ``depth_map`` ``[B or 1, 1, h, w]``.
 
     Images go through the text encoder, the UNet (CFG doubled) and the VAE together, ``batch_size`` at a time
     (default: all of them), each starting from its own seed's noise. Prompts whose contexts have different
@@ -275,7 +278,8 @@ def generate(
             def pick(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
                 return x[rows] if x is not None and x.dim() == 4 and x.shape[0] > 1 else x
             out = _generate_batch(model, [prompts[i] for i in rows], [negative[i] for i in rows], [seeds[i] for i in rows],
-                                  pick(init_image), pick(mask), **kwargs)
+                                  pick(init_image), pick(mask),
+                                  depth_map=pick(depth_map), **kwargs)
             for i, image in zip(rows, out):
                 images[i] = image
             bar.batch_done()
@@ -315,7 +319,8 @@ def context_windows(model: torch.nn.Module, texts: Sequence[str]) -> list[int]:
 
 def _generate_batch(model, prompts: list[str], negative: list[str], seeds: list[int], init_image, mask, *, sampler, steps,
                     guidance_scale, guidance_rescale, eta, discretization, height, width, strength, precision, callback,
-                    progress, options: SamplingSettings, refiner: Optional[torch.nn.Module] = None) -> torch.Tensor:
+                    progress, options: SamplingSettings, refiner: Optional[torch.nn.Module] = None,
+                    depth_map: Optional[torch.Tensor] = None) -> torch.Tensor:
     if hasattr(model, "low_scale_model"):  # SD 2 x4 upscaler: init_image is the low-res input (ldm.upscale)
         from ldm.upscale import upscale_batch
 
@@ -343,6 +348,10 @@ def _generate_batch(model, prompts: list[str], negative: list[str], seeds: list[
                 raise ValueError("inpainting needs init_image as well as mask")
             mask = _fit(mask, len(prompts), height, width, "mask").to(device).clamp(0, 1)
             mask = (mask > 0.5).float()
+        if depth_map is not None or hasattr(model, "depth_model"):  # SD 2 depth: a fifth UNet channel (ldm.depth2img)
+            from ldm.depth2img import depth_cond
+
+            cond, uncond = depth_cond(model, cond, uncond, init_image, depth_map, shape[1:])
         masked_image = _masked_image_embedder(model)
         if masked_image is not None:  # 9-channel inpainting model
             # Without a mask it repaints everything: text-to-image, or SDEdit from init_image.

@@ -29,6 +29,8 @@ from ldm.files import atomic_write, sha256_file
 from ldm.offload import enable_offload
 from ldm.vae_file import replace_vae
 from ldm.generation import batch_plan, check_memory, generate, prepare_for_inference
+from ldm.depth2img import check_depth_weights, is_depth_config, read_depth_map, with_midas_weights
+from ldm.modules.midas.api import check_weights_file
 from ldm.lora import has_lora, load_lora, merge_lora, remove_lora
 from ldm.progress import RunProgress
 from ldm.models.diffusion.sampling.core import MAX_SEED
@@ -56,6 +58,7 @@ class Job:
     mask: Optional[torch.Tensor] = None
     inputs: dict[str, Any] = field(default_factory=dict)  # input paths and hashes, for the metadata
     refiner: Optional[tuple[Path, Path]] = None  # (config, checkpoint) of an SDXL refiner
+    depth_map: Optional[torch.Tensor] = None  # depth2img: the user's depth map, [1, 1, h, w]
 
 
 @dataclass
@@ -88,9 +91,11 @@ def prepare(cfg: Mapping[str, Any], task: str, user_keys: Iterable[str] = ()) ->
     s.config, s.ckpt = str(config), str(ckpt)  # config.yaml then works from any directory
     model_config = load_config(config)
     _check_upscaler(task, model_config, config)
+    _check_depth_model(task, model_config, config)
     declaration.validate(s, task, timesteps=int(model_config.params.get("timesteps", 1000)))
     prompts = read_prompts(s.prompt, s.from_file)
-    _check_text([*prompts, s.negative_prompt, s.outdir, s.get("init_img"), s.get("mask"), str(config), str(ckpt)])
+    _check_text([*prompts, s.negative_prompt, s.outdir, s.get("init_img"), s.get("mask"),
+                 s.get("depth_map"), s.get("midas_weights"), str(config), str(ckpt)])
     _check_seeds(s, len(prompts) * s.n_samples * s.n_iter)
     job = Job(task, s, prompts, config, ckpt, "", check_outdir(s.outdir))
     if task == "txt2img":
@@ -138,7 +143,10 @@ def execute(job: Job, model: Optional[torch.nn.Module] = None, *, progress: bool
     load_on = "cpu" if offload != "none" else s.device
     fresh = model is None
     if fresh:
-        model = load_model(job.config, job.ckpt, device=load_on, use_ema=bool(s.use_ema))
+        config = job.config if not s.get("midas_weights") else with_midas_weights(load_config(job.config), s.midas_weights)
+        model = load_model(config, job.ckpt, device=load_on, use_ema=bool(s.use_ema))
+    if job.task == "depth2img" and job.depth_map is None:
+        check_depth_weights(model)  # before any step: a checkpoint without MiDaS weights needs midas_weights
     lora_added = s.get("lora") is not None and _apply_lora(model, s.lora, s.lora_scale, merge=fresh)
     fresh_refiner = refiner is None and job.refiner is not None
     if fresh_refiner:  # text encoder 2 and the VAE are the base's own modules when the file holds the same weights
@@ -212,7 +220,8 @@ def _generate_and_write(job: Job, model: torch.nn.Module, refiner: Optional[torc
     try:
         for batch in batches:
             images = generate(model, [p for p, _ in batch], options, seeds=[seed for _, seed in batch],
-                              init_image=job.init_image, mask=job.mask, progress=bar, refiner=refiner,
+                              init_image=job.init_image, mask=job.mask, depth_map=job.depth_map, progress=bar,
+                              refiner=refiner,
                               callback=callback)
             for image, (prompt, seed) in zip(images, batch):
                 if not s.skip_save:
@@ -350,6 +359,29 @@ def _read_upscale_input(job: Job) -> None:
     job.inputs = {"init_img": str(Path(s.init_img).absolute()), "init_img_sha256": sha256_file(s.init_img, cache=False)}
 
 
+def _check_depth_model(task: str, model_config: Any, config: Path) -> None:
+    """scripts/depth2img.py needs a depth model, and a depth model runs only there."""
+    depth = is_depth_config(model_config)
+    if task == "depth2img" and not depth:
+        raise ValueError(f"{config} is not a depth-to-image model; use --config "
+                         "configs/stable-diffusion/v2-midas-inference.yaml with 512-depth-ema.ckpt")
+    if task != "depth2img" and depth:
+        raise ValueError(f"{config} is a depth-to-image model; run it with scripts/depth2img.py --init-img IMAGE")
+
+
+def _read_depth_inputs(job: Job) -> None:
+    """depth2img's optional depth map (read now) and MiDaS weights file (checked now, read with the model)."""
+    s = job.settings
+    if s.depth_map:
+        job.depth_map = read_depth_map(s.depth_map)
+        job.inputs.update(depth_map=str(Path(s.depth_map).absolute()),
+                          depth_map_sha256=sha256_file(s.depth_map, cache=False))
+    if s.midas_weights:
+        check_weights_file(s.midas_weights)
+        s.midas_weights = str(Path(s.midas_weights).absolute())
+        job.inputs.update(midas_weights=s.midas_weights, midas_weights_sha256=sha256_file(s.midas_weights))
+
+
 def _read_inputs(job: Job) -> None:
     """Read the init image (and mask) and settle the output size: as asked, else the image's, to a multiple of 8."""
     s = job.settings
@@ -374,6 +406,8 @@ def _read_inputs(job: Job) -> None:
     if mask is not None:
         job.mask = mask_to_tensor(mask, (s.height, s.width))
         job.inputs.update(mask=str(Path(s.mask).absolute()), mask_sha256=sha256_file(s.mask, cache=False))
+    if job.task == "depth2img":
+        _read_depth_inputs(job)
 
 
 def _check_recorded_hashes(job: Job, meta: dict, png: str) -> None:
@@ -385,7 +419,7 @@ def _check_recorded_hashes(job: Job, meta: dict, png: str) -> None:
         current["vae_sha256"] = (job.settings.vae, job.inputs["vae_sha256"])
     if "lora_sha256" in job.inputs:
         current["lora_sha256"] = (job.settings.lora, job.inputs["lora_sha256"])
-    for key in ("init_img", "mask"):
+    for key in ("init_img", "mask", "depth_map", "midas_weights"):
         if key in job.inputs:
             current[f"{key}_sha256"] = (job.inputs[key], job.inputs[f"{key}_sha256"])
     for key, (path, digest) in current.items():

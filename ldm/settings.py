@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from ldm.models.diffusion.sampling.core import MAX_SEED
 
-TASKS = ("txt2img", "img2img", "inpaint", "upscale")
+TASKS = ("txt2img", "img2img", "inpaint", "upscale", "depth2img")
 Check = Callable[[Any], Optional[str]]  # returns what is wrong with a value, or None
 
 
@@ -106,14 +106,17 @@ class SamplingSettings:
                                    model_default=True)
     discretization: Optional[str] = setting(None, "timestep spacing; null = the sampler's own",
                                             choices=_discretizations, model_default=True)
-    height: Optional[int] = setting(512, "image height (multiple of 8); img2img/inpaint: null = the init image's; "
-                                    "upscale: the output's, null = 4x the input's", flags=("H",), check=image_side,
-                                    model_default=True, task_defaults={"img2img": None, "inpaint": None, "upscale": None})
-    width: Optional[int] = setting(512, "image width (multiple of 8); img2img/inpaint: null = the init image's; "
-                                   "upscale: the output's, null = 4x the input's", flags=("W",), check=image_side,
-                                   model_default=True, task_defaults={"img2img": None, "inpaint": None, "upscale": None})
-    strength: float = setting(0.75, "img2img: how much to change the image (0 = keep, 1 = ignore it)",
-                              check=between(0, 1), tasks=("img2img",), model_default=True)
+    height: Optional[int] = setting(512, "image height (multiple of 8); img2img/inpaint/depth2img: null = the init "
+                                    "image's; upscale: the output's, null = 4x the input's", flags=("H",),
+                                    check=image_side, model_default=True,
+                                    task_defaults={"img2img": None, "inpaint": None, "upscale": None, "depth2img": None})
+    width: Optional[int] = setting(512, "image width (multiple of 8); img2img/inpaint/depth2img: null = the init "
+                                   "image's; upscale: the output's, null = 4x the input's", flags=("W",),
+                                   check=image_side, model_default=True,
+                                   task_defaults={"img2img": None, "inpaint": None, "upscale": None, "depth2img": None})
+    strength: float = setting(0.75, "img2img/depth2img: how much to change the image (0 = keep, 1 = ignore it; "
+                              "depth2img keeps its depth)", check=between(0, 1), tasks=("img2img", "depth2img"),
+                              model_default=True)
     noise_level: int = setting(20, "upscale: noise added to the low-res input before the model sees it (0 = none, up to "
                                "the model's max_noise_level, 350 for SD 2 x4); more lets it invent more detail",
                                check=at_least(0), tasks=("upscale",), model_default=True)
@@ -186,7 +189,7 @@ class RunSettings(SamplingSettings):
     device: str = setting("auto", "auto | cpu | cuda | cuda:N", recipe=False)
     outdir: str = setting("outputs/txt2img-samples", "output folder", recipe=False,
                           task_defaults={"img2img": "outputs/img2img-samples", "inpaint": "outputs/inpainting-samples",
-                                         "upscale": "outputs/upscale-samples"})
+                                         "upscale": "outputs/upscale-samples", "depth2img": "outputs/depth2img-samples"})
     skip_grid: bool = setting(False, "do not write the grid image", recipe=False)
     skip_save: bool = setting(False, "do not write the single images", recipe=False)
     n_rows: int = setting(0, "images per grid row (0 = one row per iteration)", check=at_least(0), recipe=False)
@@ -195,10 +198,13 @@ class RunSettings(SamplingSettings):
                                           "refiner_strength)", flags=("refiner",))
     refiner_config: Optional[str] = setting(None, "the refiner's model YAML; null = "
                                             "configs/stable-diffusion/sdxl-refiner.yaml", flags=("refiner-config",))
-    init_img: Optional[str] = setting(None, "img2img/inpaint: the image to start from; upscale: the low-res input",
-                                      flags=("init-img",), tasks=("img2img", "inpaint", "upscale"))
-    channels_last: Optional[bool] = setting(None, "UNet weights and activations channels-last (fewer layout "
-                                            "conversions, faster convolutions); null = on for bf16/fp16")
+    init_img: Optional[str] = setting(None, "img2img/inpaint/depth2img: the image to start from; upscale: the low-res "
+                                      "input", flags=("init-img",), tasks=("img2img", "inpaint", "upscale", "depth2img"))
+    depth_map: Optional[str] = setting(None, "depth2img: a depth map image (white = near, any size) used instead of "
+                                       "the init image's MiDaS estimate", flags=("depth-map",), tasks=("depth2img",))
+    midas_weights: Optional[str] = setting(None, "depth2img: the MiDaS weights (dpt_hybrid-midas-501f0c75.pt) for a "
+                                           "checkpoint without depth_model.* keys; null = the checkpoint's own",
+                                           flags=("midas-weights",), tasks=("depth2img",))
     mask: Optional[str] = setting(None, "inpaint: white = repaint, black = keep", tasks=("inpaint",))
 
 

@@ -459,3 +459,4 @@ class LatentInpaintDiffusion(LatentDiffusion):
 
 
 from ldm.models.diffusion.upscaling import LatentUpscaleDiffusion  # noqa: E402,F401  (SD 2 x4 upscaler; its own module)
+from ldm.models.diffusion.depth2img import LatentDepth2ImageDiffusion  # noqa: E402,F401  (SD 2 depth-to-image; its own module)
