@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ldm.models.diffusion.sampling import sample
 from ldm.models.vae_tiling import tiled_decode, tiled_encode
+from ldm.modules.encoders.prompt_weights import prompt_weighting
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.offload import execution_device
 from ldm.progress import RunProgress
@@ -277,9 +278,10 @@ def generate(
         for rows in batches:
             def pick(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
                 return x[rows] if x is not None and x.dim() == 4 and x.shape[0] > 1 else x
-            out = _generate_batch(model, [prompts[i] for i in rows], [negative[i] for i in rows], [seeds[i] for i in rows],
-                                  pick(init_image), pick(mask),
-                                  depth_map=pick(depth_map), **kwargs)
+            with prompt_weighting([model, refiner], options.prompt_weighting):
+                out = _generate_batch(model, [prompts[i] for i in rows], [negative[i] for i in rows],
+                                      [seeds[i] for i in rows], pick(init_image), pick(mask), depth_map=pick(depth_map),
+                                      **kwargs)
             for i, image in zip(rows, out):
                 images[i] = image
             bar.batch_done()
@@ -296,7 +298,7 @@ def batch_plan(model: torch.nn.Module, prompts: Sequence[str], negative: Sequenc
     n = len(prompts)
     if options.batch_invariant or n == 1:
         return [[i] for i in range(n)]
-    windows = context_windows(model, [*prompts, *negative])
+    windows = context_windows(model, [*prompts, *negative], options.prompt_weighting)
     groups: dict[int, list[int]] = {}
     for i in range(n):
         groups.setdefault(max(windows[i], windows[n + i]), []).append(i)
@@ -304,16 +306,18 @@ def batch_plan(model: torch.nn.Module, prompts: Sequence[str], negative: Sequenc
     return [rows[k : k + size] for rows in groups.values() for k in range(0, len(rows), size)]
 
 
-def context_windows(model: torch.nn.Module, texts: Sequence[str]) -> list[int]:
-    """Number of 77-token windows each text needs (the most over the model's text encoders; 1 without any)."""
+def context_windows(model: torch.nn.Module, texts: Sequence[str], weighting: bool = False) -> list[int]:
+    """Number of 77-token windows each text needs (the most over the model's text encoders; 1 without any);
+    ``weighting``: as read with prompt weighting (BREAK starts a window)."""
     encoders = [getattr(model, "cond_stage_model", None)]
     conditioner = dict(model.named_children()).get("conditioner")
     encoders += list(getattr(conditioner, "embedders", []))
     counts = [1] * len(texts)
-    for encoder in encoders:
-        if encoder is not None and callable(getattr(encoder, "chunked_tokens", None)):
-            for i, text in enumerate(texts):
-                counts[i] = max(counts[i], int(encoder.chunked_tokens([text]).shape[1]))
+    with prompt_weighting(model, weighting):
+        for encoder in encoders:
+            if encoder is not None and callable(getattr(encoder, "chunked_tokens", None)):
+                for i, text in enumerate(texts):
+                    counts[i] = max(counts[i], int(encoder.chunked_tokens([text]).shape[1]))
     return counts
 
 

@@ -98,6 +98,7 @@ def translate_argv(task: str, argv: Sequence[str]) -> list[str]:
     flags, switches = declaration.flag_names(task), declaration.switches(task)
     multirun = any(a in ("-m", "--multirun") for a in argv)
     out: list[str] = []
+    joined: dict[str, list[str]] = {}  # settings whose repeated flag values are joined (--embedding a --embedding b)
     args = list(argv)
     i = 0
     while i < len(args):
@@ -136,7 +137,14 @@ def translate_argv(task: str, argv: Sequence[str]) -> list[str]:
                 value, i = args[i], i + 1
             else:
                 raise ValueError(f"{name} needs a value")
+        if settings[key].spec.joins is not None:
+            if key not in joined:
+                out.append(key)  # placeholder, replaced below by the joined values
+            joined.setdefault(key, []).append(value)
+            continue
         out.append(f"{key}={_typed(settings[key], value, name)}")
+    for key, values in joined.items():
+        out[out.index(key)] = f"{key}={_typed(settings[key], settings[key].spec.joins.join(values), key)}"
     return out
 
 
@@ -266,6 +274,8 @@ def apply_regeneration(settings: Settings, meta: Mapping[str, Any], task: str, s
     for key in declaration.recipe_fields(task):
         if key in out and key in meta:
             out[key] = meta[key]
+        elif key in out and (spec := declaration.by_name(task)[key].spec).recipe_absent_set:
+            out[key] = spec.recipe_absent  # recorded before the setting existed: what it did then
     out.update(from_file=None, n_samples=1, n_iter=1, fixed_code=False, skip_grid=True, skip_save=False)
     return out
 

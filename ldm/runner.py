@@ -27,6 +27,7 @@ from ldm.cli_errors import check_overrides, guarded
 from ldm.diffusers_folder import sha256_of
 from ldm.files import atomic_write, sha256_file
 from ldm.offload import enable_offload
+from ldm.textual_inversion import load_embeddings, parse_spec, read_embedding, split_specs
 from ldm.vae_file import replace_vae
 from ldm.generation import batch_plan, check_memory, generate, prepare_for_inference
 from ldm.depth2img import check_depth_weights, is_depth_config, read_depth_map, with_midas_weights
@@ -123,6 +124,8 @@ def prepare(cfg: Mapping[str, Any], task: str, user_keys: Iterable[str] = ()) ->
             raise ValueError(f"LoRA file {s.lora!r} not found; pass the path of a .safetensors LoRA")
         s.lora = str(Path(s.lora).absolute())
         job.inputs["lora_sha256"] = sha256_file(s.lora)
+    if s.get("embeddings"):
+        _read_embeddings(job)
     if s.offload == "sequential" and s.compile:
         raise ValueError("compile and offload=sequential do not go together (the layers move during the call); "
                          "drop one, or use offload=model")
@@ -160,12 +163,15 @@ def execute(job: Job, model: Optional[torch.nn.Module] = None, *, progress: bool
         if new:
             prepare_for_inference(part, s.precision, compile=compile_, half_vae=bool(s.get("vae")),
                                   channels_last=s.get("channels_last"))
+    # Textual-inversion tokens for this run only: a caller's model gets its tokenizers and embedding tables back.
+    restore_embeddings = load_embeddings([model, refiner], split_specs(s.get("embeddings")))
     hooks = enable_offload([m for m in (model, refiner) if m is not None], s.device, offload)
     try:
         return _execute(job, model, refiner, progress, callback)
     finally:
         if hooks is not None:  # a caller's model is handed back as it came, not wired to move around
             hooks.remove()
+        restore_embeddings()
         if lora_added:
             remove_lora(model)
 
@@ -410,6 +416,18 @@ def _read_inputs(job: Job) -> None:
         _read_depth_inputs(job)
 
 
+def _read_embeddings(job: Job) -> None:
+    """Check each textual-inversion file now (one line each) and record it by absolute path and sha256."""
+    specs, hashes = [], []
+    for spec in split_specs(job.settings.embeddings):
+        path, token = parse_spec(spec)
+        read_embedding(path)
+        specs.append(str(path.absolute()) + (f":{token}" if token else ""))
+        hashes.append(sha256_file(path))
+    job.settings.embeddings = ";".join(specs) or None
+    job.inputs["embeddings_sha256"] = hashes
+
+
 def _check_recorded_hashes(job: Job, meta: dict, png: str) -> None:
     """Regeneration reproduces an image only from the very same files: refuse when one changed."""
     current = {"model_sha256": (job.ckpt, job.model_sha256)}
@@ -422,6 +440,13 @@ def _check_recorded_hashes(job: Job, meta: dict, png: str) -> None:
     for key in ("init_img", "mask", "depth_map", "midas_weights"):
         if key in job.inputs:
             current[f"{key}_sha256"] = (job.inputs[key], job.inputs[f"{key}_sha256"])
+    recorded = meta.get("embeddings_sha256")
+    if isinstance(recorded, list) and "embeddings_sha256" in job.inputs:
+        specs = split_specs(job.settings.embeddings)
+        for spec, digest, old in zip(specs, job.inputs["embeddings_sha256"], recorded):
+            if digest != old:
+                raise ValueError(f"{parse_spec(spec)[0]} has changed since {png} was made (sha256 {digest[:12]}..., "
+                                 f"recorded {str(old)[:12]}...); its image cannot be reproduced")
     for key, (path, digest) in current.items():
         if meta.get(key) is not None and meta[key] != digest:
             raise ValueError(f"{path} has changed since {png} was made (sha256 {digest[:12]}..., recorded {meta[key][:12]}...); "

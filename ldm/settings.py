@@ -39,6 +39,9 @@ class Spec:
     tasks: tuple[str, ...] = TASKS
     task_defaults: Mapping[str, Any] = field(default_factory=dict)
     model_default: bool = False  # a model config's top-level ``sampling:`` mapping may set it
+    recipe_absent: Any = None  # with recipe_absent_set: the value a recipe that does not record it implies
+    recipe_absent_set: bool = False  # (a setting added later whose default would change older images)
+    joins: Optional[str] = None  # a flag given several times: its values joined by this text (e.g. ";")
 
 
 def setting(default: Any, help: str, **spec: Any) -> Any:
@@ -94,6 +97,10 @@ class SamplingSettings:
 
     negative_prompt: str = setting("", "what to steer away from (classifier-free guidance's unconditional side)",
                                    flags=("neg",), model_default=True)
+    prompt_weighting: bool = setting(True, "read AUTOMATIC1111's weighting syntax in prompts: (word) x1.1, [word] "
+                                     "/1.1, (word:1.3), \\( for a literal bracket, BREAK for a new 75-token window; "
+                                     "false = brackets are plain text. Images made before this setting existed "
+                                     "regenerate without it", recipe_absent=False, recipe_absent_set=True)
     sampler: str = setting("ddim", "the solver", switches={"plms": "plms"}, choices=_sampler_names,
                            model_default=True)
     steps: int = setting(50, "number of denoising steps", flags=("ddim_steps",), check=at_least(1), model_default=True)
@@ -183,6 +190,10 @@ class RunSettings(SamplingSettings):
     lora: Optional[str] = setting(None, "a LoRA file (kohya, diffusers or PEFT layout) merged into the UNet / text "
                                   "encoder before sampling, e.g. an LCM-LoRA with sampler=lcm")
     lora_scale: float = setting(1.0, "strength of lora (1 = as trained, 0 = off)", check=finite)
+    embeddings: Optional[str] = setting(None, "textual-inversion embeddings as new prompt tokens: FILE[:token] "
+                                        "(AUTOMATIC1111 .pt/.safetensors, diffusers, SDXL clip_l/clip_g; token "
+                                        "default: the file's stem), several separated by ';' (--embedding repeats)",
+                                        flags=("embedding",), joins=";", recipe_absent=None, recipe_absent_set=True)
     offload: str = setting("none", "none | model (one part on the device at a time: text encoders, UNet, VAE) | "
                            "sequential (one layer at a time; least memory, slowest); for GPUs", recipe=False,
                            choices=lambda: ["none", "model", "sequential"])

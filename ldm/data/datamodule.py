@@ -89,7 +89,10 @@ class DataModuleFromConfig(pl.LightningDataModule):
         drop_last: bool = True,
         seed: int = 0,
         pin_memory: bool = False,
+        root: str | None = None,
     ) -> None:
+        """``root``: a data folder an experiment's dataset configs read as ``${data.root}`` (e.g. textual
+        inversion's ``data.root=my_images``); not used here otherwise."""
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"data.batch_size must be an integer >= 1, got {batch_size!r}")

@@ -5,7 +5,7 @@ download: useful for smoke-training a tiny latent-diffusion model end to end.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -44,7 +44,9 @@ class DigitsDataset(Dataset):
         seed: int = 0,
         flip: bool = False,
         caption_template: str = "a handwritten digit {name}",
+        only_digits: Sequence[int] | None = None,
     ) -> None:
+        """``only_digits``: keep only scans of these digits (e.g. ``[7]`` for textual inversion of one class)."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         try:
@@ -56,6 +58,11 @@ class DigitsDataset(Dataset):
         labels = np.asarray(digits.target, dtype=np.int64)
         train_idx, val_idx = stratified_split(labels, val_fraction, seed)
         indices = {"train": train_idx, "validation": val_idx, "val": val_idx}.get(split, np.arange(len(labels)))
+        if only_digits is not None:
+            wanted = sorted({int(d) for d in only_digits})
+            if not wanted or any(not 0 <= d <= 9 for d in wanted):
+                raise ValueError(f"only_digits must be a non-empty list of 0..9, got {list(only_digits)!r}")
+            indices = indices[np.isin(labels[indices], wanted)]
 
         self.split, self.size, self.flip, self.caption_template = split, size, flip, caption_template
         self.indices = indices

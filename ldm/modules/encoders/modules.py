@@ -16,6 +16,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
 
+from ldm.modules.encoders.prompt_weights import BREAK, apply_weights, chunk_weighted, parse_prompt, window_rows
 from ldm.modules.encoders.tokenizer import CLIPTokenizer, chunked_ids, clip_tokenizer
 
 
@@ -51,10 +52,72 @@ class TextEncoder(AbstractEncoder):
 
     def chunked_tokens(self, text: str | Sequence[str], min_chunks: int = 1) -> torch.LongTensor:
         """``[B, n_chunks, max_length]`` ids with every token kept (see :func:`encode_long`)."""
+        if self.custom_tokens():
+            return self.weighted_tokens(text, min_chunks)[0]
         return self.tokenizer.chunked(text, min_chunks=min_chunks)
 
     def encode(self, text: str | Sequence[str]) -> torch.Tensor:
         return self(text)
+
+    # ---- prompt weighting and textual-inversion tokens ---------------------------------------------------
+    # ``prompt_weighting``: read AUTOMATIC1111's "(word:1.2)" syntax (switched per call by
+    # ``prompt_weights.prompt_weighting``); ``token_expansions``: first id of a multi-vector textual-inversion
+    # token -> all its ids (``ldm.textual_inversion``). With neither, prompts take the plain path, unchanged.
+    prompt_weighting: bool = False
+
+    @property
+    def token_expansions(self) -> dict[int, list[int]]:
+        return self.__dict__.setdefault("_token_expansions", {})
+
+    def custom_tokens(self) -> bool:
+        """Whether prompts go through :meth:`weighted_tokens` (weighting on, or multi-vector tokens loaded)."""
+        return bool(self.prompt_weighting or self.token_expansions)
+
+    def special_ids(self) -> tuple[int, int, int]:
+        """(BOS, EOS, padding) ids."""
+        raise NotImplementedError
+
+    def bpe_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` without BOS / EOS (added tokens included, not expanded)."""
+        raise NotImplementedError
+
+    def text_ids(self, text: str) -> list[int]:
+        """:meth:`bpe_ids` with each multi-vector token expanded into all its ids."""
+        expansions = self.token_expansions
+        ids = self.bpe_ids(text)
+        if not expansions:
+            return ids
+        return [j for i in ids for j in expansions.get(i, (i,))]
+
+    def weighted_tokens(self, text: str | Sequence[str], min_chunks: int = 1) -> tuple[torch.LongTensor, torch.Tensor]:
+        """``[B, n_chunks, max_length]`` ids and per-token weights: the prompt's weighting syntax parsed (when
+        ``prompt_weighting``), BREAK starting a new window, multi-vector tokens expanded."""
+        texts = [text] if isinstance(text, str) else list(text)
+        per_text = []
+        for t in texts:
+            fragments = parse_prompt(t) if self.prompt_weighting else [(t, 1.0)]
+            pieces = [None if f is BREAK else (self.text_ids(f[0]), f[1]) for f in fragments]
+            per_text.append(chunk_weighted(pieces, self.max_length - 2))
+        return window_rows(per_text, self.max_length, *self.special_ids(), min_chunks=min_chunks)
+
+    def first_window(self, text: str | Sequence[str]) -> torch.LongTensor:
+        """``[B, max_length]`` ids of each prompt's first 77-token window (what pooled outputs read)."""
+        return self.weighted_tokens(text)[0][:, 0] if self.custom_tokens() else self.tokenize(text)
+
+    def token_embedding(self) -> nn.Embedding:
+        """The token embedding table the transformer reads."""
+        raise NotImplementedError
+
+    def set_token_embedding(self, embedding: nn.Embedding) -> None:
+        raise NotImplementedError
+
+    def add_tokenizer_tokens(self, names: Sequence[str]) -> list[int]:
+        """Add whole-word tokens to the tokenizer; their ids."""
+        raise NotImplementedError
+
+    def has_token(self, name: str) -> bool:
+        """Whether the tokenizer already knows ``name`` as one token."""
+        raise NotImplementedError
 
 
 def encode_long(encoder: Any, text: str | Sequence[str], min_chunks: int = 1) -> torch.Tensor:
@@ -62,6 +125,11 @@ def encode_long(encoder: Any, text: str | Sequence[str], min_chunks: int = 1) ->
     windows' features are concatenated, ``[B, n_chunks * 77, width]``. A prompt that fits is one
     window, identical to plain encoding; shorter prompts in a batch get empty windows appended.
     """
+    if encoder.custom_tokens():  # weighting syntax / multi-vector tokens: each token's features times its weight
+        tokens, weights = encoder.weighted_tokens(text, min_chunks=min_chunks)
+        b, n, length = tokens.shape
+        feats = apply_weights(encoder.encode_tokens(tokens.reshape(b * n, length)), weights.reshape(b * n, length))
+        return feats.reshape(b, n * feats.shape[1], feats.shape[2])
     tokens = encoder.chunked_tokens(text, min_chunks=min_chunks)
     b, n, length = tokens.shape
     feats = encoder.encode_tokens(tokens.reshape(b * n, length))
@@ -184,7 +252,29 @@ class FrozenCLIPEmbedder(TextEncoder):
                               return_tensors="pt")["input_ids"]
 
     def chunked_tokens(self, text: str | Sequence[str], min_chunks: int = 1) -> torch.LongTensor:
+        if self.custom_tokens():
+            return self.weighted_tokens(text, min_chunks)[0]
         return chunked_ids(self.tokenizer, text, self.max_length, min_chunks)
+
+    def special_ids(self) -> tuple[int, int, int]:
+        return self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+
+    def bpe_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def token_embedding(self) -> nn.Embedding:
+        return self.transformer.get_input_embeddings()
+
+    def set_token_embedding(self, embedding: nn.Embedding) -> None:
+        self.transformer.set_input_embeddings(embedding)
+        self.transformer.config.vocab_size = embedding.num_embeddings
+
+    def add_tokenizer_tokens(self, names: Sequence[str]) -> list[int]:
+        self.tokenizer.add_tokens(list(names))
+        return [int(i) for i in self.tokenizer.convert_tokens_to_ids(list(names))]
+
+    def has_token(self, name: str) -> bool:
+        return name in self.tokenizer.get_vocab()
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Features for already tokenized ``[B, max_length]`` ids."""
@@ -201,10 +291,10 @@ class FrozenCLIPEmbedder(TextEncoder):
         Prompts longer than 75 tokens are encoded in chunks (see :func:`encode_long`), not truncated.
         """
         if self.layer == "pooled":
-            return self.encode_tokens(self.tokenize(text))
+            return self.encode_tokens(self.first_window(text))
         z = encode_long(self, text)
         if self.return_pooled:  # sgm's always_return_pooled: the final-normed end-of-text token
-            return z, self.transformer(input_ids=self.tokenize(text).to(self.device)).pooler_output
+            return z, self.transformer(input_ids=self.first_window(text).to(self.device)).pooler_output
         return z
 
 
@@ -283,6 +373,25 @@ class FrozenOpenCLIPEmbedder(TextEncoder):
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.encode_with_transformer(tokens.to(self.device))
+
+    def special_ids(self) -> tuple[int, int, int]:
+        return self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id
+
+    def bpe_ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.token_embedding
+
+    def set_token_embedding(self, embedding: nn.Embedding) -> None:
+        self.model.token_embedding = embedding
+        self.model.vocab_size = embedding.num_embeddings
+
+    def add_tokenizer_tokens(self, names: Sequence[str]) -> list[int]:
+        return self.tokenizer.add_tokens(names)
+
+    def has_token(self, name: str) -> bool:
+        return self.tokenizer.has_token(name)
 
     def forward(self, text: str | Sequence[str]) -> torch.Tensor:
         """``[B, 77 * n_chunks, width]``: long prompts are encoded in chunks (see :func:`encode_long`)."""

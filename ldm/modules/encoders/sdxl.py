@@ -53,10 +53,12 @@ class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
         return chosen, m.ln_final(x)
 
     def pooled(self, text: str | Sequence[str]) -> torch.Tensor:
-        """``[B, width]``: the end-of-text token of the (first 77-token window of the) prompt, projected."""
-        tokens = self.tokenize(text).to(self.device)
+        """``[B, width]``: the end-of-text token of the (first 77-token window of the) prompt, projected; never
+        weighted (as AUTOMATIC1111), though read from the same tokens as the weighted features."""
+        tokens = self.first_window(text).to(self.device)
         _, last = self._hidden_and_last(tokens)
-        eot = last[torch.arange(last.shape[0]), tokens.argmax(dim=-1)]
+        # The first end-of-text token (the highest id of the base vocabulary, but added tokens come after it).
+        eot = last[torch.arange(last.shape[0]), (tokens == self.tokenizer.eos_id).int().argmax(dim=-1)]
         return eot @ self.model.text_projection
 
     def forward(self, text: str | Sequence[str]) -> Any:

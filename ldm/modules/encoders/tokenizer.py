@@ -8,6 +8,7 @@ in the prompt as the special tokens (open_clip spells them differently).
 """
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 from typing import Sequence
 
@@ -52,6 +53,38 @@ class CLIPTokenizer:
         # Guard against a changed vocabulary file silently shifting every id.
         assert self._tok.sot_token_id == self.bos_id and self._tok.eot_token_id == self.eos_id
         self._special = {BOS_TOKEN: self.bos_id, EOS_TOKEN: self.eos_id}
+        self._added: dict[str, int] = {}  # add_tokens: lower-cased token -> id
+        self._added_pattern: regex.Pattern | None = None
+
+    def __deepcopy__(self, memo: dict) -> "CLIPTokenizer":
+        """A copy with its own added tokens (the BPE table stays shared: it never changes)."""
+        new = copy.copy(self)
+        new._added = dict(self._added)
+        return new
+
+    def add_tokens(self, tokens: Sequence[str]) -> list[int]:
+        """Whole tokens matched before BPE, as transformers' ``add_tokens`` does for CLIP: anywhere in the
+        cleaned, lower-cased text, longest first; new ones get the next free ids. Returns each token's id."""
+        ids = []
+        for token in tokens:
+            key = self._normal(token)
+            if not key:
+                raise ValueError(f"cannot add an empty token ({token!r})")
+            if key not in self._added:
+                self._added[key] = self.vocab_size + len(self._added)
+            ids.append(self._added[key])
+        ordered = sorted(self._added, key=len, reverse=True)
+        self._added_pattern = regex.compile("|".join(regex.escape(t) for t in ordered)) if ordered else None
+        return ids
+
+    def has_token(self, token: str) -> bool:
+        """Whether ``token`` is one token already: a vocabulary entry or an added token."""
+        key = self._normal(token)
+        return key in self._added or key in self._tok.encoder or key in self._special
+
+    @staticmethod
+    def _normal(text: str) -> str:
+        return whitespace_clean(basic_clean(text)).lower()
 
     @property
     def chunk_size(self) -> int:
@@ -59,8 +92,19 @@ class CLIPTokenizer:
         return self.max_length - 2
 
     def encode(self, text: str) -> list[int]:
-        """BPE ids of ``text`` without BOS/EOS, after CLIP's cleaning and lowercasing."""
-        text = whitespace_clean(basic_clean(text)).lower()
+        """BPE ids of ``text`` without BOS/EOS, after CLIP's cleaning and lowercasing (added tokens matched first)."""
+        text = self._normal(text)
+        if self._added_pattern is None or not self._added:
+            return self._bpe_ids(text)
+        ids: list[int] = []
+        start = 0
+        for match in self._added_pattern.finditer(text):
+            ids += self._bpe_ids(text[start : match.start()])
+            ids.append(self._added[match.group(0)])
+            start = match.end()
+        return ids + self._bpe_ids(text[start:])
+
+    def _bpe_ids(self, text: str) -> list[int]:
         ids: list[int] = []
         for word in _PATTERN.findall(text):
             if word in self._special:
@@ -74,7 +118,18 @@ class CLIPTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text for ``ids``, dropping BOS/EOS/padding."""
         keep = [int(i) for i in ids if int(i) not in (self.bos_id, self.eos_id, 0)]
-        return self._tok.decode(keep).strip()
+        if not self._added:
+            return self._tok.decode(keep).strip()
+        names = {i: t for t, i in self._added.items()}
+        parts, run = [], []
+        for i in keep + [-1]:
+            if i in names or i == -1:
+                parts += [self._tok.decode(run).strip()] if run else []
+                parts += [names[i]] if i in names else []
+                run = []
+            else:
+                run.append(i)
+        return " ".join(parts)
 
     def _row(self, ids: Sequence[int]) -> list[int]:
         """BOS + ids + EOS, padded to ``max_length`` (``ids`` must already fit)."""
