@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.models.diffusion.sampling import sample
+from ldm.models.diffusion.sampling.approx import Approximations
 from ldm.models.vae_tiling import tiled_decode, tiled_encode
 from ldm.modules.encoders.prompt_weights import prompt_weighting
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -376,6 +377,7 @@ def _generate_batch(model, prompts: list[str], negative: list[str], seeds: list[
             sampler=sampler, steps=steps, shape=shape, seeds=seeds, eta=eta, discretization=discretization,
             init_latent=init_latent, strength=strength if keep is None else 1.0, keep_mask=keep,
             callback=callback, progress=progress, denoising_end=options.refiner_switch if ensemble else None,
+            approx=Approximations.from_settings(options),
         )
     if refiner is not None:
         model = refiner
@@ -386,7 +388,8 @@ def _generate_batch(model, prompts: list[str], negative: list[str], seeds: list[
             cond, uncond = encode_sdxl(model, prompts, negative, options, height, width)
             common = dict(uncond=uncond, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                           sampler=sampler, steps=steps, shape=shape, seeds=seeds, eta=eta,
-                          discretization=discretization, callback=callback, progress=progress, keep_mask=refine_keep)
+                          discretization=discretization, callback=callback, progress=progress, keep_mask=refine_keep,
+                          approx=Approximations.from_settings(options))
             if ensemble:
                 latents = sample(model, cond, denoising_start=options.refiner_switch, noisy_latent=latents,
                                  init_latent=source_latent, **common)

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 from ldm.models.diffusion.sampling.core import MAX_SEED
 
 TASKS = ("txt2img", "img2img", "inpaint", "upscale", "depth2img")
+APPROX_TASKS = ("txt2img", "img2img", "inpaint", "depth2img")  # not the x4 upscaler (tiles, own sampling)
 Check = Callable[[Any], Optional[str]]  # returns what is wrong with a value, or None
 
 
@@ -167,6 +168,18 @@ class SamplingSettings:
     batch_size: Optional[int] = setting(None, "images per batch through the text encoder, UNet and VAE; null = "
                                         "n_samples in the scripts, all images of a generate() call in Python",
                                         check=at_least(1))
+    # Approximate accelerations, off by default (ldm.models.diffusion.sampling.approx); not for the x4 upscaler.
+    deepcache_interval: Optional[int] = setting(None, "approximate speed-up (DeepCache feature reuse): run the whole "
+                                                "UNet only every N-th call and reuse its deep features in between "
+                                                "(only the shallow blocks run); null = off (exact)", check=at_least(1),
+                                                tasks=APPROX_TASKS)
+    deepcache_depth: int = setting(1, "feature reuse: the deepest UNet input block still run on reuse calls (0 = the "
+                                   "input convolution; 1 = DeepCache's choice for SD), with the output blocks its skips "
+                                   "feed", check=at_least(0), tasks=APPROX_TASKS)
+    tome_ratio: Optional[float] = setting(None, "approximate speed-up (token merging, ToMe for SD): fraction of tokens "
+                                          "merged before self-attention in the highest-resolution transformer blocks "
+                                          "(0.5 is tomesd's default); null = off (exact)", check=between(0, 0.75),
+                                          tasks=APPROX_TASKS)
 
 
 @dataclass

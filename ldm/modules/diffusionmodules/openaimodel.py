@@ -329,6 +329,20 @@ class UNetModel(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
                 y: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """Predict eps / v / x0 (per the model's training) for ``x`` at ``timesteps``."""
+        h, emb, context = self.prepare_inputs(x, timesteps, context, y)
+        skips = []
+        for module in self.input_blocks:
+            h = module(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for module in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = module(h, emb, context, output_size=skips[-1].shape[2:] if skips else None)
+        return self.out(h).to(x.dtype)
+
+    def prepare_inputs(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
+                       y: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """What the blocks take: ``x`` and ``context`` in the weights' dtype, and the timestep (+ label) embedding."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass y (class labels / vector) exactly when the model was built with num_classes")
         timesteps = torch.as_tensor(timesteps, device=x.device)
@@ -340,15 +354,6 @@ class UNetModel(nn.Module):
             if y.shape[0] != x.shape[0]:
                 raise ValueError(f"y has batch size {y.shape[0]} but x has {x.shape[0]}")
             emb = emb + self.label_emb(y.to(dtype) if y.is_floating_point() else y)
-        h = x.to(dtype)
         if context is not None:
             context = context.to(dtype)
-        skips = []
-        for module in self.input_blocks:
-            h = module(h, emb, context)
-            skips.append(h)
-        h = self.middle_block(h, emb, context)
-        for module in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
-            h = module(h, emb, context, output_size=skips[-1].shape[2:] if skips else None)
-        return self.out(h).to(x.dtype)
+        return x.to(dtype), emb, context

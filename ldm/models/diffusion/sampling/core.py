@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.models.diffusion.sampling import consistency, solvers
+from ldm.models.diffusion.sampling.approx import Approximations, approximations
 from ldm.models.diffusion.sampling.denoiser import DiscreteDenoiser
 from ldm.models.diffusion.sampling.discretization import get_sigmas
 from ldm.models.diffusion.sampling.guidance import CFGDenoiser, MaskedDenoiser
@@ -99,6 +100,7 @@ def sample(
     noisy_latent: Optional[torch.Tensor] = None,
     start_latent: Optional[torch.Tensor] = None,
     solver: Optional[Callable[..., torch.Tensor]] = None,
+    approx: Optional[Approximations] = None,
 ) -> torch.Tensor:
     """Sample latents (in the model's own latent scale: decode with ``decode_first_stage``).
 
@@ -113,6 +115,9 @@ def sample(
     ``denoising_end=f`` runs only the steps at training timesteps >= ``round(T - f * T)`` and returns the
     still-noisy latent; ``denoising_start=f`` with that ``noisy_latent`` runs the remaining steps of the
     same schedule (no noise is added).
+
+    ``approx``: opt-in approximate speed-ups for this run (DeepCache feature reuse, ToMe token merging; see
+    :mod:`ldm.models.diffusion.sampling.approx`), removed from the UNet when the run ends.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(sampler_names())}")
@@ -183,7 +188,8 @@ def sample(
             callback({"i": start + i, "x": x_i, "sigma": sigmas[i], "denoised": x0, "total": start + len(sigmas) - 1})
 
     try:
-        x = (solver or spec.fn)(denoise, x, sigmas, on_step, noise=step_noise, **({} if solver else options))
+        with approximations(model, approx):
+            x = (solver or spec.fn)(denoise, x, sigmas, on_step, noise=step_noise, **({} if solver else options))
     finally:
         bar.close()
     z = x / (1 + sigmas[-1] ** 2).sqrt()
