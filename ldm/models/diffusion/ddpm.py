@@ -458,5 +458,16 @@ class LatentInpaintDiffusion(LatentDiffusion):
         return [z, {"c_concat": [c_cat], "c_crossattn": [c]}, *rest]
 
 
-from ldm.models.diffusion.upscaling import LatentUpscaleDiffusion  # noqa: E402,F401  (SD 2 x4 upscaler; its own module)
-from ldm.models.diffusion.depth2img import LatentDepth2ImageDiffusion  # noqa: E402,F401  (SD 2 depth-to-image; its own module)
+# SD 2's upscaler and depth-to-image models live in their own modules (which subclass LatentDiffusion from
+# here); they are importable from this CompVis path too, resolved on first use so either module can be
+# imported first.
+_SUBMODULE_CLASSES = {"LatentUpscaleDiffusion": "ldm.models.diffusion.upscaling",
+                      "LatentDepth2ImageDiffusion": "ldm.models.diffusion.depth2img"}
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULE_CLASSES:
+        import importlib
+
+        return getattr(importlib.import_module(_SUBMODULE_CLASSES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,7 @@ Its conditioning key is ``hybrid-adm``: the DiffusionWrapper routes concat, cros
 The first stage downsamples by 4, so the latent has the low-res image's size and decodes to 4x it.
 
 Import it as ``ldm.models.diffusion.ddpm.LatentUpscaleDiffusion`` (upstream's path, what configs name):
-ddpm imports this module at its end, so importing this module before ddpm fails as a circular import.
+ddpm resolves that name lazily, so either module may be imported first.
 """
 from __future__ import annotations
 
