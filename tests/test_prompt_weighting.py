@@ -149,8 +149,10 @@ def test_break_starts_a_new_window(encoders, name):
         z = encoder(["a red fox BREAK in the snow"])[0]
         tokens = encoder.chunked_tokens(["a red fox BREAK in the snow"])
     assert tokens.shape == (1, 2, 77) and z.shape[0] == 154
-    torch.testing.assert_close(z[:77], raw_features(encoder, by_hand_ids(encoder, "a red fox")), rtol=0, atol=0)
-    torch.testing.assert_close(z[77:], raw_features(encoder, by_hand_ids(encoder, "in the snow")), rtol=0, atol=0)
+    # The two windows go through the transformer as one batch of 2, the references one at a time: kernel
+    # rounding may differ with the batch size (seen: 1e-6), so this is float32 round-off, not bit equality.
+    torch.testing.assert_close(z[:77], raw_features(encoder, by_hand_ids(encoder, "a red fox")), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z[77:], raw_features(encoder, by_hand_ids(encoder, "in the snow")), rtol=1e-5, atol=1e-5)
 
 
 def test_weights_apply_per_window_of_long_prompts(encoders):
