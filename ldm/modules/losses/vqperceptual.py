@@ -12,21 +12,17 @@ with the same adaptive ``d_weight`` and ``disc_start`` schedule as the KL object
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
-from torch import nn
 
-from ldm.modules.losses.contperceptual import DISC_LOSSES, adaptive_weight
-from ldm.modules.losses.discriminator import NLayerDiscriminator
-from ldm.modules.losses.perceptual import ENABLE_HINT, LPIPS
+from ldm.modules.losses.adversarial import AdversarialObjective, hinge_d_loss, vanilla_d_loss  # noqa: F401
 from ldm.modules.vqvae.quantize import codebook_perplexity
 
 PIXEL_LOSSES = {"l1": lambda x, y: (x - y).abs(), "l2": lambda x, y: (x - y).square()}
 
 
-class VQLPIPSWithDiscriminator(nn.Module):
+class VQLPIPSWithDiscriminator(AdversarialObjective):
     """Pixel + LPIPS reconstruction, codebook loss and PatchGAN loss; the CompVis constructor, plus:
 
     * ``perceptual_weights``: torchvision's VGG16 weights file. Without it the perceptual term is off
@@ -55,43 +51,19 @@ class VQLPIPSWithDiscriminator(nn.Module):
         pixel_loss: str = "l1",
         perceptual_weights: Optional[str] = None,
     ):
-        super().__init__()
-        if disc_loss not in DISC_LOSSES:
-            raise ValueError(f"disc_loss must be one of {', '.join(DISC_LOSSES)}, got {disc_loss!r}")
+        super().__init__(disc_start=disc_start, disc_num_layers=disc_num_layers, disc_in_channels=disc_in_channels,
+                         disc_factor=disc_factor, disc_weight=disc_weight, perceptual_weight=perceptual_weight,
+                         use_actnorm=use_actnorm, disc_conditional=disc_conditional, disc_ndf=disc_ndf,
+                         disc_loss=disc_loss, perceptual_weights=perceptual_weights)
         if pixel_loss not in PIXEL_LOSSES:
             raise ValueError(f"pixel_loss must be one of {', '.join(PIXEL_LOSSES)}, got {pixel_loss!r}")
         if perceptual_loss != "lpips":
             raise ValueError(f"perceptual_loss {perceptual_loss!r} is not available; use 'lpips' "
                              "(or perceptual_weight: 0)")
-        self.disc_start = int(disc_start)
         self.codebook_weight = float(codebook_weight)
         self.pixel_weight = float(pixelloss_weight)
         self.pixel_loss = PIXEL_LOSSES[pixel_loss]
         self.n_classes = n_classes
-        self.perceptual_loss: Optional[LPIPS] = None
-        if perceptual_weight > 0 and perceptual_weights:
-            self.perceptual_loss = LPIPS(perceptual_weights)
-        elif perceptual_weight > 0:
-            warnings.warn(f"VQLPIPSWithDiscriminator: perceptual_weight={perceptual_weight} but no perceptual_weights "
-                          f"file, so the perceptual (LPIPS) term is off; to enable it, {ENABLE_HINT}; "
-                          "perceptual_weight: 0 silences this warning", UserWarning, stacklevel=2)
-        self.perceptual_weight = float(perceptual_weight) if self.perceptual_loss is not None else 0.0
-        self.discriminator = NLayerDiscriminator(disc_in_channels, disc_ndf, disc_num_layers, use_actnorm)
-        self.disc_factor = float(disc_factor)
-        self.disc_weight = float(disc_weight)
-        self.disc_conditional = disc_conditional
-        self.disc_loss = DISC_LOSSES[disc_loss]
-
-    def disc_factor_at(self, global_step: int) -> float:
-        """``disc_factor`` from ``disc_start`` on, 0 before."""
-        return self.disc_factor if global_step >= self.disc_start else 0.0
-
-    def _disc_input(self, images: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
-        if not self.disc_conditional:
-            return images
-        if cond is None:
-            raise ValueError("disc_conditional: true needs the condition (cond=...) for the discriminator")
-        return torch.cat([images, cond], dim=1)
 
     def generator_loss(self, codebook_loss: Optional[torch.Tensor], inputs: torch.Tensor,
                        reconstructions: torch.Tensor, global_step: int, last_layer: Optional[torch.Tensor] = None,
@@ -103,37 +75,16 @@ class VQLPIPSWithDiscriminator(nn.Module):
         """
         if codebook_loss is None:
             codebook_loss = torch.zeros((), device=inputs.device)
-        rec = self.pixel_weight * self.pixel_loss(inputs, reconstructions)
         parts: dict[str, torch.Tensor] = {}
-        if self.perceptual_loss is not None:
-            p_loss = self.perceptual_loss(inputs, reconstructions)
-            rec = rec + self.perceptual_weight * p_loss
-            parts["p_loss"] = p_loss.detach().mean()
+        rec = self.add_perceptual(self.pixel_weight * self.pixel_loss(inputs, reconstructions), inputs,
+                                  reconstructions, parts)
         nll_loss = rec.mean()
-        logits_fake = self.discriminator(self._disc_input(reconstructions, cond))
-        g_loss = -logits_fake.mean()
-        disc_factor = self.disc_factor_at(global_step)
-        d_weight = torch.zeros((), device=inputs.device)
-        loss = nll_loss + self.codebook_weight * codebook_loss.mean()
-        if disc_factor > 0:
-            if last_layer is not None and torch.is_grad_enabled() and g_loss.requires_grad:
-                d_weight = adaptive_weight(nll_loss, g_loss, last_layer) * self.disc_weight
-            loss = loss + d_weight * disc_factor * g_loss
+        adversarial, gan_parts = self.adversarial_term(nll_loss, reconstructions, global_step, last_layer, cond)
+        loss = nll_loss + self.codebook_weight * codebook_loss.mean() + adversarial
         if predicted_indices is not None and self.n_classes is not None:
             parts["perplexity"], parts["cluster_usage"] = codebook_perplexity(predicted_indices, self.n_classes)
         return {"loss": loss, "quant_loss": codebook_loss.detach().mean(), "nll_loss": nll_loss.detach(),
-                "rec_loss": nll_loss.detach(), "g_loss": g_loss.detach(), "d_weight": d_weight,
-                "disc_factor": torch.tensor(disc_factor, device=inputs.device), **parts}
-
-    def discriminator_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor, global_step: int,
-                           cond: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-        """The discriminator's loss (``"disc_loss"``) and its mean logits on real and reconstructed images."""
-        logits_real = self.discriminator(self._disc_input(inputs.detach(), cond))
-        logits_fake = self.discriminator(self._disc_input(reconstructions.detach(), cond))
-        disc_factor = self.disc_factor_at(global_step)
-        return {"disc_loss": disc_factor * self.disc_loss(logits_real, logits_fake),
-                "logits_real": logits_real.detach().mean(), "logits_fake": logits_fake.detach().mean(),
-                "disc_factor": torch.tensor(disc_factor, device=inputs.device)}
+                "rec_loss": nll_loss.detach(), **gan_parts, **parts}
 
     def forward(self, codebook_loss: Optional[torch.Tensor], inputs: torch.Tensor, reconstructions: torch.Tensor,
                 optimizer_idx: int, global_step: int, last_layer: Optional[torch.Tensor] = None,
@@ -150,4 +101,4 @@ class VQLPIPSWithDiscriminator(nn.Module):
             loss = parts["disc_loss"]
         else:
             raise ValueError(f"optimizer_idx must be 0 (autoencoder) or 1 (discriminator), got {optimizer_idx}")
-        return loss, {f"{split}/{k}": v.detach() for k, v in parts.items()}
+        return self.logged(loss, parts, split)
