@@ -31,7 +31,74 @@ from ldm.modules.vqvae.quantize import VectorQuantizer2
 from ldm.util import images_to_bchw, instantiate_from_config
 
 
-class AutoencoderKL(pl.LightningModule):
+class FirstStageTraining(pl.LightningModule):
+    """The training surface both autoencoders share: one optimizer on a plain objective, or (a loss with a
+    ``discriminator``) manual optimization with an autoencoder step then a discriminator step per batch.
+
+    Subclasses give ``_plain_losses(batch)`` and ``_generator_losses(x, step) -> (losses, reconstructions)``.
+    """
+
+    scheduler_config: Optional[dict] = None
+
+    def get_last_layer(self) -> torch.Tensor:
+        return self.decoder.conv_out.weight
+
+    @property
+    def has_discriminator(self) -> bool:
+        return isinstance(getattr(self.loss, "discriminator", None), nn.Module)
+
+    @property
+    def loss_step(self) -> int:
+        """Training batches so far: the step a loss's ``disc_start`` refers to."""
+        # Manual optimization counts every optimizer step in global_step: two per batch here.
+        return self.global_step // 2 if self.has_discriminator else self.global_step
+
+    def _plain_losses(self, batch: dict) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _generator_losses(self, x: torch.Tensor, step: int) -> tuple[dict[str, Any], torch.Tensor]:
+        raise NotImplementedError
+
+    def _adversarial_losses(self, batch: dict, optimizers: Optional[Sequence[Any]] = None) -> dict[str, Any]:
+        """Autoencoder then discriminator loss; with ``optimizers`` (training) each one steps after its loss."""
+        x = self.get_input(batch)
+        step = self.loss_step
+        opt_ae, opt_disc = optimizers or (None, None)
+        with self.toggled_optimizer(opt_ae) if opt_ae is not None else contextlib.nullcontext():
+            losses, rec = self._generator_losses(x, step)
+            if opt_ae is not None:
+                opt_ae.zero_grad()
+                self.manual_backward(losses["loss"])
+                opt_ae.step()
+        with self.toggled_optimizer(opt_disc) if opt_disc is not None else contextlib.nullcontext():
+            losses.update(self.loss.discriminator_loss(x, rec.detach(), step))
+            if opt_disc is not None:
+                opt_disc.zero_grad()
+                self.manual_backward(losses["disc_loss"])
+                opt_disc.step()
+        return {k: v.detach() for k, v in losses.items()}
+
+    def _schedulers(self) -> list:
+        if self.scheduler_config is None:
+            return []
+        schedulers = self.lr_schedulers()
+        return list(schedulers) if isinstance(schedulers, (list, tuple)) else [schedulers]
+
+    def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
+        if not self.has_discriminator:
+            losses = self._plain_losses(batch)
+            self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True)
+            return losses["loss"]
+        losses = self._adversarial_losses(batch, self.optimizers())
+        for scheduler in self._schedulers():
+            scheduler.step()  # manual optimization: Lightning does not step them
+        shown = ("loss", "rec_loss", "disc_loss")
+        self.log_dict({f"train/{k}": v for k, v in losses.items() if k not in shown})
+        self.log_dict({f"train/{k}": losses[k] for k in shown}, prog_bar=True)
+        return None
+
+
+class AutoencoderKL(FirstStageTraining):
     def __init__(
         self,
         ddconfig: dict,
@@ -89,21 +156,8 @@ class AutoencoderKL(pl.LightningModule):
         """Images from a batch as float [B, C, H, W]; accepts channels-last [B, H, W, C] too."""
         return images_to_bchw(batch[key or self.image_key])
 
-    def get_last_layer(self) -> torch.Tensor:
-        return self.decoder.conv_out.weight
-
-    @property
-    def has_discriminator(self) -> bool:
-        return isinstance(getattr(self.loss, "discriminator", None), nn.Module)
-
-    @property
-    def loss_step(self) -> int:
-        """Training batches so far: the step a loss's ``disc_start`` refers to."""
-        # Manual optimization counts every optimizer step in global_step: two per batch here.
-        return self.global_step // 2 if self.has_discriminator else self.global_step
-
     # Lightning surface: a plain reconstruction + KL objective unless lossconfig supplies one.
-    def _losses(self, batch: dict) -> dict[str, Any]:
+    def _plain_losses(self, batch: dict) -> dict[str, Any]:
         x = self.get_input(batch)
         rec, posterior = self(x)
         if isinstance(self.loss, nn.Identity):
@@ -113,39 +167,12 @@ class AutoencoderKL(pl.LightningModule):
         loss = self.loss(x, rec, posterior, split="train", last_layer=self.get_last_layer())
         return loss if isinstance(loss, dict) else {"loss": loss}
 
-    def _adversarial_losses(self, batch: dict, optimizers: Optional[Sequence[Any]] = None) -> dict[str, Any]:
-        """Autoencoder then discriminator loss; with ``optimizers`` (training) each one steps after its loss."""
-        x = self.get_input(batch)
-        step = self.loss_step
-        opt_ae, opt_disc = optimizers or (None, None)
-        with self.toggled_optimizer(opt_ae) if opt_ae is not None else contextlib.nullcontext():
-            rec, posterior = self(x)
-            losses = self.loss.generator_loss(x, rec, posterior, step, last_layer=self.get_last_layer())
-            if opt_ae is not None:
-                opt_ae.zero_grad()
-                self.manual_backward(losses["loss"])
-                opt_ae.step()
-        with self.toggled_optimizer(opt_disc) if opt_disc is not None else contextlib.nullcontext():
-            losses.update(self.loss.discriminator_loss(x, rec.detach(), step))
-            if opt_disc is not None:
-                opt_disc.zero_grad()
-                self.manual_backward(losses["disc_loss"])
-                opt_disc.step()
-        return {k: v.detach() for k, v in losses.items()}
-
-    def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
-        if self.has_discriminator:
-            losses = self._adversarial_losses(batch, self.optimizers())
-            shown = ("loss", "rec_loss", "disc_loss")
-            self.log_dict({f"train/{k}": v for k, v in losses.items() if k not in shown})
-            self.log_dict({f"train/{k}": losses[k] for k in shown}, prog_bar=True)
-            return None
-        losses = self._losses(batch)
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True)
-        return losses["loss"]
+    def _generator_losses(self, x: torch.Tensor, step: int) -> tuple[dict[str, Any], torch.Tensor]:
+        rec, posterior = self(x)
+        return self.loss.generator_loss(x, rec, posterior, step, last_layer=self.get_last_layer()), rec
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        losses = self._adversarial_losses(batch) if self.has_discriminator else self._losses(batch)
+        losses = self._adversarial_losses(batch) if self.has_discriminator else self._plain_losses(batch)
         self.log_dict({f"val/{k}": v for k, v in losses.items()}, sync_dist=True)
 
     def configure_optimizers(self):
@@ -161,7 +188,7 @@ class AutoencoderKL(pl.LightningModule):
         return [opt_ae, opt_disc]
 
 
-class VQModel(pl.LightningModule):
+class VQModel(FirstStageTraining):
     """A VQ autoencoder (VQGAN, CompVis' ``VQModel``): encoder, ``quant_conv``, codebook, ``post_quant_conv``, decoder.
 
     Constructor and state-dict keys as CompVis (``encoder.*``, ``decoder.*``, ``quantize.embedding.weight``,
@@ -272,18 +299,6 @@ class VQModel(pl.LightningModule):
             x = F.interpolate(x, size=size, mode="bicubic")
         return x.detach()
 
-    def get_last_layer(self) -> torch.Tensor:
-        return self.decoder.conv_out.weight
-
-    @property
-    def has_discriminator(self) -> bool:
-        return isinstance(getattr(self.loss, "discriminator", None), nn.Module)
-
-    @property
-    def loss_step(self) -> int:
-        """Training batches so far (manual optimization counts two optimizer steps per batch)."""
-        return self.global_step // 2 if self.has_discriminator else self.global_step
-
     # Lightning surface.
     def _plain_losses(self, batch: dict) -> dict[str, Any]:
         """Without a discriminator: MSE reconstruction + codebook loss (``Identity``), or the loss's generator side."""
@@ -295,45 +310,10 @@ class VQModel(pl.LightningModule):
         return self.loss.generator_loss(qloss, x, rec, self.loss_step, last_layer=self.get_last_layer(),
                                         predicted_indices=ind)
 
-    def _adversarial_losses(self, batch: dict, optimizers: Optional[Sequence[Any]] = None) -> dict[str, Any]:
-        """Autoencoder then discriminator loss; with ``optimizers`` (training) each one steps after its loss."""
-        x = self.get_input(batch)
-        step = self.loss_step
-        opt_ae, opt_disc = optimizers or (None, None)
-        with self.toggled_optimizer(opt_ae) if opt_ae is not None else contextlib.nullcontext():
-            rec, qloss, ind = self(x, return_pred_indices=True)
-            losses = self.loss.generator_loss(qloss, x, rec, step, last_layer=self.get_last_layer(),
-                                              predicted_indices=ind)
-            if opt_ae is not None:
-                opt_ae.zero_grad()
-                self.manual_backward(losses["loss"])
-                opt_ae.step()
-        with self.toggled_optimizer(opt_disc) if opt_disc is not None else contextlib.nullcontext():
-            losses.update(self.loss.discriminator_loss(x, rec.detach(), step))
-            if opt_disc is not None:
-                opt_disc.zero_grad()
-                self.manual_backward(losses["disc_loss"])
-                opt_disc.step()
-        return {k: v.detach() for k, v in losses.items()}
-
-    def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
-        if not self.has_discriminator:
-            losses = self._plain_losses(batch)
-            self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True)
-            return losses["loss"]
-        losses = self._adversarial_losses(batch, self.optimizers())
-        for scheduler in self._schedulers():
-            scheduler.step()  # manual optimization: Lightning does not step them
-        shown = ("loss", "rec_loss", "disc_loss")
-        self.log_dict({f"train/{k}": v for k, v in losses.items() if k not in shown})
-        self.log_dict({f"train/{k}": losses[k] for k in shown}, prog_bar=True)
-        return None
-
-    def _schedulers(self) -> list:
-        if self.scheduler_config is None:
-            return []
-        schedulers = self.lr_schedulers()
-        return list(schedulers) if isinstance(schedulers, (list, tuple)) else [schedulers]
+    def _generator_losses(self, x: torch.Tensor, step: int) -> tuple[dict[str, Any], torch.Tensor]:
+        rec, qloss, ind = self(x, return_pred_indices=True)
+        losses = self.loss.generator_loss(qloss, x, rec, step, last_layer=self.get_last_layer(), predicted_indices=ind)
+        return losses, rec
 
     def on_train_batch_end(self, *args: Any) -> None:
         if self.use_ema:
