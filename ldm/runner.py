@@ -91,8 +91,7 @@ def prepare(cfg: Mapping[str, Any], task: str, user_keys: Iterable[str] = ()) ->
     s.negative_prompt = s.negative_prompt or ""
     s.config, s.ckpt = str(config), str(ckpt)  # config.yaml then works from any directory
     model_config = load_config(config)
-    _check_upscaler(task, model_config, config)
-    _check_depth_model(task, model_config, config)
+    _check_dedicated_model(task, model_config, config)
     declaration.validate(s, task, timesteps=int(model_config.params.get("timesteps", 1000)))
     prompts = read_prompts(s.prompt, s.from_file)
     _check_text([*prompts, s.negative_prompt, s.outdir, s.get("init_img"), s.get("mask"),
@@ -338,16 +337,31 @@ def _decoder_shape(model_config: Any) -> dict[str, Any]:
     return {k: dd[k] for k in ("ch", "ch_mult") if k in dd}
 
 
-def _check_upscaler(task: str, model_config: Any, config: Path) -> None:
-    """scripts/upscale.py needs an upscaler model, and an upscaler runs only there."""
+def _is_upscaler(model_config: Any) -> bool:
     from ldm.upscale import upscaler_config
 
-    upscaler = upscaler_config(model_config) is not None
-    if task == "upscale" and not upscaler:
-        raise ValueError(f"{config} is not an upscaler; use --config configs/stable-diffusion/x4-upscaling.yaml "
-                         "with x4-upscaler-ema.safetensors")
-    if task != "upscale" and upscaler:
-        raise ValueError(f"{config} is an upscaler; run it with scripts/upscale.py --init-img LOW_RES.png")
+    return upscaler_config(model_config) is not None
+
+
+# Models that run only through their own script: task -> (is such a model, "what it is", "use instead", "run it").
+_DEDICATED_TASKS = {
+    "upscale": (_is_upscaler, "an upscaler",
+                "--config configs/stable-diffusion/x4-upscaling.yaml with x4-upscaler-ema.safetensors",
+                "scripts/upscale.py --init-img LOW_RES.png"),
+    "depth2img": (is_depth_config, "a depth-to-image model",
+                  "--config configs/stable-diffusion/v2-midas-inference.yaml with 512-depth-ema.ckpt",
+                  "scripts/depth2img.py --init-img IMAGE"),
+}
+
+
+def _check_dedicated_model(task: str, model_config: Any, config: Path) -> None:
+    """An upscaler or depth model runs only through its script, and that script needs such a model."""
+    for dedicated, (is_kind, what, use, run_with) in _DEDICATED_TASKS.items():
+        kind = is_kind(model_config)
+        if task == dedicated and not kind:
+            raise ValueError(f"{config} is not {what}; use {use}")
+        if task != dedicated and kind:
+            raise ValueError(f"{config} is {what}; run it with {run_with}")
 
 
 def _read_upscale_input(job: Job) -> None:
@@ -363,16 +377,6 @@ def _read_upscale_input(job: Job) -> None:
     job.init_image, s.height, s.width = read_low_res(s.init_img, s.height, s.width, factor)
     declaration.validate({"height": s.height, "width": s.width}, job.task)
     job.inputs = {"init_img": str(Path(s.init_img).absolute()), "init_img_sha256": sha256_file(s.init_img, cache=False)}
-
-
-def _check_depth_model(task: str, model_config: Any, config: Path) -> None:
-    """scripts/depth2img.py needs a depth model, and a depth model runs only there."""
-    depth = is_depth_config(model_config)
-    if task == "depth2img" and not depth:
-        raise ValueError(f"{config} is not a depth-to-image model; use --config "
-                         "configs/stable-diffusion/v2-midas-inference.yaml with 512-depth-ema.ckpt")
-    if task != "depth2img" and depth:
-        raise ValueError(f"{config} is a depth-to-image model; run it with scripts/depth2img.py --init-img IMAGE")
 
 
 def _read_depth_inputs(job: Job) -> None:
