@@ -23,6 +23,19 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: runs main.py / a script in a subprocess, or trains (make test-fast skips these)")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny tensors
+    run faster on one thread than on several waiting on each other on a busy machine, and a server or script
+    under test computes its pixels with the same kernels as the test's own reference."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """The official key/shape manifests, kept in the repository (tests/reference)."""

@@ -24,6 +24,30 @@ def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
+def random_model(config, *, unet_seed: int, text_seed=None):
+    """A model of ``config`` in eval mode with a re-drawn UNet (and text encoder, given ``text_seed``); the UNet's
+    output convolution scaled down so its output stays near unit scale."""
+    from ldm.api import build_model
+
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    if text_seed is not None:
+        randomize_(model.cond_stage_model, text_seed)
+    randomize_(model.model.diffusion_model, unet_seed)
+    with torch.no_grad():
+        model.model.diffusion_model.out[2].weight.mul_(0.3)
+    return model
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of ``a`` against the reference ``b``, in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def numel(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 _SERVER = None
 
 

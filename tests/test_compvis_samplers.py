@@ -17,8 +17,10 @@ from ldm.api import build_model
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.modules.diffusionmodules import util
-from tests.helpers import randomize_
+from tests.helpers import randomize_, rel_err
 from tests.test_sampling_analytic import MU, S as DATA_STD, GaussianOracle
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS, SCALE = 8, 4.0
 SHAPE = (4, 8, 8)
@@ -28,15 +30,6 @@ def closed_form_alphas_cumprod() -> np.ndarray:
     """SD's schedule: betas linear in sqrt from 0.00085 to 0.012 over 1000 steps."""
     betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
     return np.cumprod(1 - betas)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Latents of 2x4x8x8: one thread is faster than several (which wait on each other on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,10 +53,6 @@ def tiny(request):
 @pytest.fixture
 def tiny_eps():
     return tiny_model("configs/tiny/tiny-sd1.yaml")
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @torch.no_grad()

@@ -19,30 +19,16 @@ from ldm.depth2img import depth2img, read_depth_map, with_midas_weights
 from ldm.image_io import image_to_tensor, read_metadata
 from ldm.models.diffusion.ddpm import LatentDepth2ImageDiffusion
 from ldm.modules.midas.api import MiDaSInference, midas_input_size
-from tests.helpers import randomize_
+from tests.helpers import numel, randomize_, rel_err
 from tests.test_manifests import build_on_meta, read_manifest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = "v2-midas-inference.yaml"
 TINY = ROOT / "configs/tiny/tiny-sd2-depth.yaml"
 # (UNet, VAE, OpenCLIP text encoder, MiDaS DPT-Hybrid, total) parameters of 512-depth-ema (tests/reference/README.md).
 COUNTS = (865_913_604, 83_653_863, 354_032_641, 123_146_985, 1_426_747_093)
-
-
-def numel(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -135,6 +135,24 @@ def test_non_finite_weights_are_named_and_refused(tmp_path, damage, words):
     assert key in str(err.value) and words in str(err.value)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_finite_check_is_exact_for_every_float_dtype(dtype):
+    """all_finite reduces with one sum: every NaN / inf (and -inf + inf) is caught, and finite values whose sum
+    overflows (largest values of the dtype) still count as finite."""
+    from ldm.checkpoint import all_finite
+
+    big = torch.finfo(dtype).max
+    assert all_finite(torch.full((64, 3), big, dtype=dtype))  # the sum overflows; the values do not
+    assert all_finite(torch.randn(1000).to(dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(1000).to(dtype)
+        t[517] = bad
+        assert not all_finite(t), (dtype, bad)
+    t = torch.zeros(4, dtype=dtype)
+    t[0], t[1] = float("inf"), -float("inf")
+    assert not all_finite(t)
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
 def test_non_float_tensors_are_refused(tmp_path, dtype):
     from ldm.api import load_model

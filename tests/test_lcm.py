@@ -16,7 +16,7 @@ from ldm.models.diffusion.sampling import DiscreteDenoiser, NoiseSource, sample
 from ldm.models.diffusion.sampling.consistency import boundary_scalings
 from ldm.models.diffusion.sampling.discretization import lcm_timesteps
 from ldm.models.diffusion.schedule import schedule_tables
-from tests.helpers import randomize_
+from tests.helpers import randomize_, rel_err
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -28,10 +28,6 @@ BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 # convolutions and time projections, down/up samplers.
 LCM_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
                "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def tiny_model(config: str = CONFIG) -> nn.Module:

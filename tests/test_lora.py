@@ -9,7 +9,6 @@ from safetensors.torch import load_file, save_file
 
 pytest.importorskip("peft")
 
-from ldm.api import build_model
 from ldm.lora import (
     add_lora,
     load_lora,
@@ -20,7 +19,7 @@ from ldm.lora import (
     set_lora_scale,
 )
 from ldm.util import instantiate_from_config
-from tests.helpers import randomize_
+from tests.helpers import random_model, randomize_
 
 CONFIG = "configs/tiny/tiny-sd1.yaml"
 DEFAULT_UNET = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
@@ -34,12 +33,7 @@ ALL_TEXT = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 @pytest.fixture(scope="module")
 def base():
-    torch.manual_seed(0)
-    model = build_model(CONFIG).eval()
-    randomize_(model.model.diffusion_model, seed=1)
-    with torch.no_grad():  # keep the random UNet's output near unit scale
-        model.model.diffusion_model.out[2].weight.mul_(0.3)
-    return model
+    return random_model(CONFIG, unet_seed=1)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
-from tests.helpers import randomize_
+from tests.helpers import randomize_, rel_err
 
 single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
 from diffusers import AutoencoderKL as DiffusersVAE  # noqa: E402
@@ -33,10 +33,6 @@ def original_config(unet_params: dict) -> dict:
         "unet_config": {"params": copy.deepcopy(unet_params)},
         "first_stage_config": {"params": {"embed_dim": 4, "ddconfig": copy.deepcopy(VAE_DDCONFIG)}},
     }}}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("size", [16, 9], ids=["16x16", "odd-9x9"])

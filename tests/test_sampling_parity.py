@@ -12,7 +12,7 @@ from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling import DiscreteDenoiser, get_sigmas, sample
 from ldm.models.diffusion.sampling.discretization import sigmas_from_timesteps
 from ldm.util import instantiate_from_config
-from tests.helpers import randomize_
+from tests.helpers import randomize_, rel_err
 
 diffusers = pytest.importorskip("diffusers")
 single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
@@ -54,10 +54,6 @@ def diffusers_loop(unet, scheduler, c, uc, x_T):
         out_u, out_c = unet(inp, t, encoder_hidden_states=torch.cat([uc, c])).sample.chunk(2)
         latents = scheduler.step(out_u + SCALE * (out_c - out_u), t, latents).prev_sample
     return latents
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_ddim_matches_diffusers_ddim_scheduler(setup):

@@ -18,6 +18,8 @@ from ldm.files import sha256_file
 from ldm.image_io import read_metadata, save_png
 from ldm.run_config import translate_argv
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny/tiny-sd1.yaml"
 TINY_INPAINT = ROOT / "configs/tiny/tiny-sd1-inpainting.yaml"
@@ -32,15 +34,6 @@ def _load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared CPU, two spinning threads per image are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder
 from ldm.modules.encoders.tokenizer import CLIPTokenizer, clip_tokenizer
 from ldm.textual_inversion import (EmbeddingError, TrainableTokens, load_embeddings, parse_spec, read_embedding,
                                    save_embedding)
-from tests.helpers import randomize_
+from tests.helpers import random_model
 
 CONFIG = "configs/tiny/tiny-sd1.yaml"
 V = 49408  # CLIP's vocabulary: new tokens get the ids from here on
@@ -22,13 +22,7 @@ V = 49408  # CLIP's vocabulary: new tokens get the ids from here on
 
 @pytest.fixture(scope="module")
 def base():
-    torch.manual_seed(0)
-    model = build_model(CONFIG).eval()
-    randomize_(model.cond_stage_model, 1)
-    randomize_(model.model.diffusion_model, 2)
-    with torch.no_grad():  # keep the random UNet's output near unit scale
-        model.model.diffusion_model.out[2].weight.mul_(0.3)
-    return model
+    return random_model(CONFIG, unet_seed=2, text_seed=1)
 
 
 @pytest.fixture

@@ -15,30 +15,16 @@ from ldm.models.diffusion.ddpm import LatentUpscaleDiffusion
 from ldm.modules.diffusionmodules.upscaling import (LOW_SCALE_BUFFERS, ImageConcatWithNoiseAugmentation,
                                                     SimpleImageConcat)
 from ldm.upscale import upscale
-from tests.helpers import randomize_
+from tests.helpers import numel, randomize_, rel_err
 from tests.test_manifests import build_on_meta, read_manifest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = "x4-upscaling.yaml"
 TINY = ROOT / "configs/tiny/tiny-sd2-upscaler.yaml"
 # (UNet, VAE, OpenCLIP text encoder, total) parameters of the published model (see tests/reference/README.md).
 COUNTS = (473_398_020, 55_325_927, 354_032_641, 882_756_588)
-
-
-def numel(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

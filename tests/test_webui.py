@@ -24,19 +24,12 @@ gradio_client = pytest.importorskip("gradio_client", reason="the web UI's requir
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny/tiny-sd1.yaml"
 DEMO = ROOT / "ldm/assets/digits_demo"
 PROMPT = "a handwritten digit seven"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread, as the server runs: regenerated pixels then come from the same kernels."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _free_port() -> int:
