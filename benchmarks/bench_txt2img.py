@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """txt2img on the SD 1.x architecture, ours vs diffusers, every row of issue 14 in one run (CPU, random weights).
 
-    python benchmarks/bench_txt2img.py [--size 512] [--images 4] [--steps 20] [--measure-steps 2]
+    python benchmarks/bench_txt2img.py [--size 512] [--images 4] [--steps 20] [--measure-steps 3]
                                        [--skip ROW ...] [--config configs/stable-diffusion/v1-inference.yaml]
                                        [--threads N] [--json out.json] [--workdir DIR] [--keep]
 
@@ -240,16 +240,18 @@ def write_diffusers_folder(config: str, folder: Path) -> None:
 # -------------------------------------------------------------------------------------- machine peak, FLOPs
 
 def matmul_peak(dtype: torch.dtype, n: int, repeats: int = 3) -> float:
-    """GFLOP/s of an n x n x n matmul in ``dtype``: best of ``repeats`` after one warm-up."""
+    """GFLOP/s of square matmuls in ``dtype``: the best of ``repeats`` timed calls (after one warm-up) at sizes
+    n/2, 3n/4 and n (one size alone can miss the library's best blocking and under-state the peak)."""
     g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+    best_rate = 0.0
+    for m in sorted({n // 2, 3 * n // 4, n}):
+        a, b = (torch.randn(m, m, generator=g).to(dtype) for _ in range(2))
         torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best_rate = max(best_rate, 2 * m**3 / (time.perf_counter() - start) / 1e9)
+    return best_rate
 
 
 def count_unet_flops(config: str, folder: Path, size: int) -> dict[str, float]:
@@ -529,7 +531,7 @@ def print_table(res: dict, a: argparse.Namespace) -> None:
     peaks, flops = res["matmul_peak_gflops"], res["unet_gflop_per_image"]
     print(f"\nSD 1.x txt2img, {a.size}x{a.size}, {a.images} images (one prompt, seeds 0..{a.images - 1}), DDIM, "
           f"guidance {GUIDANCE}; {res['threads']} CPU threads; torch {res['torch']}, diffusers {res['diffusers']}")
-    print(f"matmul peak ({a.matmul_size}^3, best of 3): bf16 {peaks['bf16']:.0f} GFLOP/s, fp32 {peaks['fp32']:.0f} "
+    print(f"matmul peak (square, best of 3 at n = {a.matmul_size}/2, 3/4, 1): bf16 {peaks['bf16']:.0f} GFLOP/s, fp32 {peaks['fp32']:.0f} "
           f"GFLOP/s; UNet call per latent: ours {flops['ours']:.1f} GFLOP, diffusers {flops['diffusers']:.1f} GFLOP")
     print(f"s/step: mean gap between step callbacks ({a.measure_steps} measured steps); img/min@{a.steps}: computed "
           f"from the measured s/step and fixed cost as 60*{a.images}/(fixed + {a.steps}*s/step per batch), not run")
@@ -595,7 +597,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--size", type=int, default=512, help="image height and width in pixels")
     p.add_argument("--images", type=int, default=4, help="images per measured call (UNet batch 2x with CFG)")
     p.add_argument("--steps", type=int, default=20, help="steps of the images/min estimate")
-    p.add_argument("--measure-steps", type=int, default=2, help="steps of the measured call (>= 2)")
+    p.add_argument("--measure-steps", type=int, default=3, help="steps of the measured call (>= 2)")
     p.add_argument("--warmup-steps", type=int, default=1, help="steps of the warm-up call")
     p.add_argument("--skip", nargs="+", default=[], choices=[r.key for r in ROWS] + ["load"], metavar="ROW",
                    help=f"rows to leave out: {', '.join(r.key for r in ROWS)}, load")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -39,7 +41,11 @@ def prepare_for_inference(model: torch.nn.Module, precision: str = "fp32", compi
     with inductor's weight freezing, which pre-packs the weights for the CPU kernels (it sets
     ``torch._inductor.config.freezing`` for the process; inference only: later changes to the
     weights, e.g. merging a LoRA, are not seen by the compiled UNet). The first call pays the
-    compilation, about a minute on 2 CPU cores, and each new image size compiles again.
+    compilation, about a minute on 2 CPU cores, and each new image size compiles again. The compiled kernels
+    are cached in ``$TORCHINDUCTOR_CACHE_DIR``, by default ``~/.cache/ldm/torchinductor`` (kept across
+    reboots, unlike inductor's own default under /tmp): a later process compiling the same UNet at the same
+    size reuses them (measured on 2 CPU cores, SD 1.x UNet at 64x64 latents: 106 s first, 62 s after; the
+    frozen, pre-packed weights cannot be cached, so graph tracing and weight packing are paid again).
 
     ``channels_last`` (default: on for bf16 / fp16) stores the UNet's convolution weights channels-last, so
     activations stay in that layout from the first convolution on: no layout conversions around the
@@ -60,8 +66,18 @@ def prepare_for_inference(model: torch.nn.Module, precision: str = "fp32", compi
         from torch._inductor import config as inductor_config
 
         inductor_config.freezing = True  # an options={} dict does not reach the freezing pass
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        # Importing inductor already sets the variable to its /tmp default: only a user's own choice is kept.
+        if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
         model.model.diffusion_model.compile()
     return model
+
+
+def compile_cache_dir() -> Path:
+    """Where ``compile=True`` keeps inductor's kernel cache unless ``TORCHINDUCTOR_CACHE_DIR`` is set."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm" / "torchinductor"
 
 
 def check_precision(precision: str) -> None:

@@ -119,6 +119,23 @@ def test_compiled_unet_matches_eager():
         _compile_and_compare(model, ref, opts)
 
 
+def test_compile_keeps_its_kernel_cache_in_the_user_cache_folder(monkeypatch, tmp_path):
+    """compile=True points inductor's cache at ~/.cache/ldm/torchinductor (XDG_CACHE_HOME honoured), unless the
+    user chose a folder; nothing compiles until the first call, so this costs no compilation."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    from torch._inductor import config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    model = build_model(TINY).eval()
+    with inductor_config.patch(freezing=False):
+        prepare_for_inference(model, "fp32", compile=True)
+    assert cache_dir() == str(tmp_path / "ldm" / "torchinductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    prepare_for_inference(build_model(TINY).eval(), "fp32", compile=True)
+    assert cache_dir() == str(tmp_path / "mine")
+
+
 def _compile_and_compare(model, ref, opts):
     prepare_for_inference(model, "fp32", compile=True)
     assert hasattr(model.model.diffusion_model, "_compiled_call_impl") and model.model.diffusion_model._compiled_call_impl
