@@ -309,6 +309,7 @@ def load_into_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
     ignore, optional = list(ignore_keys), list(optional_keys)
     expected, sd = check_state_dict(model, state_dict, strict=strict, ignore_keys=ignore, optional_keys=optional)
     check_values(sd, expected)
+    buffers = {n for n, _ in model.named_buffers()}
     for k, v in list(sd.items()):
         ref = expected.get(k)
         to_dtype = v.dtype
@@ -318,6 +319,11 @@ def load_into_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
         to_device = ref.device if ref is not None and ref.device.type != "meta" else v.device
         if v.dtype != to_dtype or v.device != to_device:
             sd[k] = v.to(device=to_device, dtype=to_dtype)
+        elif k in buffers:
+            # A safetensors tensor is a view of the file's one memory map: a small buffer (the noise schedule)
+            # left on it would keep the whole mapping, and every page read, resident after the weights are
+            # converted (bf16: 4 GiB of fp32 pages kept for SD 1.x). Buffers get their own memory.
+            sd[k] = v.clone()
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     # torch's own strict check would reject optional keys; ours ran above, re-check what it reports.
     result = model.load_state_dict(sd, strict=False, assign=True)
