@@ -115,11 +115,18 @@ def test_channels_last_model_gives_the_same_images(tiny):
     prepare_for_inference(model, "fp32", channels_last=True)
     unet = model.model.diffusion_model
     assert unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
-    seen = []
+    decoder = model.first_stage_model.decoder
+    assert decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    seen, decoded = [], []
     hook = unet.out.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last)))
+    # the autoencoder's convolutions too: the last one's input and output stay channels-last (no NCHW round trip)
+    hook2 = decoder.conv_out.register_forward_hook(lambda m, i, o: decoded.append(
+        i[0].is_contiguous(memory_format=torch.channels_last) and o.is_contiguous(memory_format=torch.channels_last)))
     after = generate(model, ["a cat", "a dog"], seeds=[1, 2], **options)
     hook.remove()
+    hook2.remove()
     assert seen and all(seen)  # activations stayed channels-last to the end
+    assert decoded == [True]
     assert (after - before).abs().max() < 1e-3
     prepare_for_inference(model, "fp32", channels_last=False)
-    assert unet.input_blocks[0][0].weight.is_contiguous()
+    assert unet.input_blocks[0][0].weight.is_contiguous() and decoder.conv_in.weight.is_contiguous()
