@@ -360,6 +360,7 @@ def write_diffusers_folder(config: str, folder: Path) -> tuple[int, int]:
 
 
 def _config_targets(node: Any) -> Iterator[str]:
+    """Every ``target:`` class path in a config, to import before a load is timed."""
     if isinstance(node, dict):
         if isinstance(node.get("target"), str):
             yield node["target"]

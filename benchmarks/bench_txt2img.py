@@ -59,7 +59,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -68,7 +68,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.bench_sdxl import original_config, vm_hwm  # noqa: E402
+from benchmarks.bench_sdxl import _config_targets as config_targets, original_config, vm_hwm  # noqa: E402
 
 DEFAULT_CONFIG = str(ROOT / "configs/stable-diffusion/v1-inference.yaml")
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -153,18 +153,6 @@ class StepTimer:
         """Mean gap between consecutive steps of the same batch (a new batch restarts the step index)."""
         gaps = [b - a for (i, a), (j, b) in zip(self.marks, self.marks[1:]) if j == i + 1]
         return sum(gaps) / len(gaps) if gaps else float("nan")
-
-
-def config_targets(node: Any) -> Iterator[str]:
-    """Every ``target:`` class path in a config, to import before a load is timed."""
-    if isinstance(node, dict):
-        if isinstance(node.get("target"), str):
-            yield node["target"]
-        for v in node.values():
-            yield from config_targets(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from config_targets(v)
 
 
 # ------------------------------------------------------------------------------------------- files (parent)
