@@ -388,7 +388,8 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
 def empty_init() -> Iterator[None]:
     """Build modules with parameters on the meta device and buffers on CPU.
 
-    Parameters cost neither memory nor init time (``reset_parameters`` then runs on meta tensors);
+    Parameters cost neither memory nor init time (``reset_parameters`` then runs on meta tensors, and a
+    transformers model whose parameters are all meta skips its random init but still ties its weights);
     buffers keep real values because non-persistent ones (position ids, masks) are not in checkpoints.
     Not thread-safe: it patches ``nn.Module.register_parameter`` while active.
     """
@@ -402,6 +403,32 @@ def empty_init() -> Iterator[None]:
 
     nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
     try:
-        yield
+        with _no_random_init_of_meta_transformers():
+            yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _no_random_init_of_meta_transformers() -> Iterator[None]:
+    """transformers' ``post_init`` draws every weight of a new model at random, through torch's Python reference
+    ops on meta tensors (0.1 s for CLIP ViT-L's text tower, for values the checkpoint replaces). Skip that draw
+    where every parameter is meta; weight tying, the rest of ``init_weights``' job, still runs."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a requirement
+        yield
+        return
+    original = PreTrainedModel.init_weights
+
+    def init_weights(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(not p.is_meta for p in self.parameters()):
+            return original(self, *args, **kwargs)
+        self.tie_weights()
+        return None
+
+    PreTrainedModel.init_weights = init_weights  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        PreTrainedModel.init_weights = original  # type: ignore[method-assign]

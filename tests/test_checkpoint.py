@@ -126,6 +126,42 @@ def test_meta_model_fully_materialised(tmp_path: Path, build: str, name: str) ->
     assert torch.equal(model(x), src(x))
 
 
+def test_empty_init_skips_transformers_random_init_but_ties_weights(tmp_path: Path) -> None:
+    """A transformers model built under empty_init draws no random weights (its init would run on meta
+    tensors for nothing) yet still ties its weights, and loads to exactly the source model; outside
+    empty_init the random init still runs."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
+
+    cfg = GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=1, n_head=2, tie_word_embeddings=True,
+                     bos_token_id=0, eos_token_id=0)
+    drawn = []
+    original = PreTrainedModel._init_weights
+
+    def counting(self, module):  # type: ignore[no-untyped-def]
+        drawn.append(type(module).__name__)
+        return original(self, module)
+
+    PreTrainedModel._init_weights = counting
+    try:
+        torch.manual_seed(0)
+        src = GPT2LMHeadModel(cfg).eval()
+        assert drawn, "the random init did not run outside empty_init"
+        drawn.clear()
+        with empty_init():
+            model = GPT2LMHeadModel(cfg).eval()
+        assert drawn == []
+    finally:
+        PreTrainedModel._init_weights = original
+    assert PreTrainedModel.init_weights.__qualname__ == "PreTrainedModel.init_weights"  # restored
+    assert model.lm_head.weight is model.transformer.wte.weight
+    save_state_dict(src.state_dict(), tmp_path / "g.safetensors")
+    load_into_model(model, read_state_dict(tmp_path / "g.safetensors"), optional_keys=["lm_head.weight"])
+    assert model.lm_head.weight is model.transformer.wte.weight or torch.equal(model.lm_head.weight,
+                                                                                model.transformer.wte.weight)
+    ids = torch.tensor([[1, 5, 7]])
+    assert torch.equal(model(ids).logits, src(ids).logits)
+
+
 def test_fp16_file_into_fp32_model(tmp_path: Path) -> None:
     src = make_source()
     save_state_dict(src.state_dict(), tmp_path / "h.safetensors", dtype=torch.float16)

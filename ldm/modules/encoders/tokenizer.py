@@ -202,20 +202,14 @@ def _tokenizer_folder() -> str:
     return str(folder)
 
 
-@lru_cache(maxsize=4)
-def _loaded(max_length: int):
-    from transformers import CLIPTokenizer as HFCLIPTokenizer
-
-    return HFCLIPTokenizer.from_pretrained(_tokenizer_folder(), pad_token=EOS_TOKEN, model_max_length=max_length,
-                                           local_files_only=True)
-
-
 def clip_tokenizer(max_length: int = 77):
     """A ``transformers.CLIPTokenizer`` with exactly OpenAI's ids (``openai/clip-vit-large-patch14``'s: pads with
-    EOS), made offline; each call returns its own copy, so ``add_tokens`` on one model never leaks to another."""
-    import copy
+    EOS), made offline; each call builds its own (``add_tokens`` on one model never leaks to another; building
+    costs about what a ``deepcopy`` of a cached one would)."""
+    from transformers import CLIPTokenizer as HFCLIPTokenizer
 
-    tokenizer = copy.deepcopy(_loaded(max_length))
+    tokenizer = HFCLIPTokenizer.from_pretrained(_tokenizer_folder(), pad_token=EOS_TOKEN, model_max_length=max_length,
+                                                local_files_only=True)
     if tokenizer.bos_token_id != CLIPTokenizer.bos_id or tokenizer.eos_token_id != CLIPTokenizer.eos_id:
         raise RuntimeError("the CLIP vocabulary shipped with open_clip has changed: BOS/EOS ids moved")
     return tokenizer
