@@ -62,6 +62,27 @@ def test_fp16_file_loads_into_fp32_and_bf16(trained_like, tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in mbf.parameters())
 
 
+def test_fp16_file_gets_its_schedule_back_in_float32(trained_like, tmp_path):
+    """A half-precision file rounds alphas_cumprod & co. (by up to 2e-4): the loaded model has the exact float32
+    schedule diffusers computes, unless the file's schedule is another one (then the file's, as CompVis)."""
+    import diffusers
+
+    src, _ = trained_like
+    path = tmp_path / "half.safetensors"
+    save_model(src, path, dtype=torch.float16, include_ema=False)
+    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=src.linear_start, beta_end=src.linear_end,
+                                  beta_schedule="scaled_linear").alphas_cumprod
+    assert (src.alphas_cumprod.half().float() - ref).abs().max() > 1e-4  # what the file holds is rounded
+    loaded = load_model(TINY, path)
+    torch.testing.assert_close(loaded.alphas_cumprod, ref, rtol=0, atol=2e-6)
+    torch.testing.assert_close(loaded.sqrt_recipm1_alphas_cumprod, src.sqrt_recipm1_alphas_cumprod, rtol=0, atol=0)
+    other = {k: v for k, v in src.state_dict().items() if not k.startswith("model_ema.")}
+    other["alphas_cumprod"] = (other["alphas_cumprod"] * 0.99).half()  # a schedule this config does not make
+    save_file({k: v.contiguous() for k, v in other.items()}, str(tmp_path / "other.safetensors"))
+    kept = load_model(TINY, tmp_path / "other.safetensors")
+    assert torch.equal(kept.alphas_cumprod, other["alphas_cumprod"].float())
+
+
 def test_position_ids_key_is_optional(trained_like, tmp_path):
     src, _ = trained_like
     sd = {k: v for k, v in src.state_dict().items() if not k.startswith("model_ema.")}

@@ -7,7 +7,7 @@ CompVis' ancestral sampling and ``log_images`` methods come from ``compvis_api.p
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -123,6 +123,7 @@ class DDPM(DiffusionTrainingMixin, DDPMSamplingMixin, pl.LightningModule):
     # ---- schedule -------------------------------------------------------------------------
     def register_schedule(self, given_betas=None, beta_schedule="linear", timesteps=1000,
                           linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3) -> None:
+        self._schedule_args = (beta_schedule, timesteps, linear_start, linear_end, cosine_s, given_betas)
         tables = sched.schedule_tables(beta_schedule, timesteps, linear_start, linear_end, cosine_s, given_betas, self.v_posterior)
         self.num_timesteps = int(len(tables["betas"]))
         self.linear_start, self.linear_end = linear_start, linear_end
@@ -130,6 +131,31 @@ class DDPM(DiffusionTrainingMixin, DDPMSamplingMixin, pl.LightningModule):
             self.register_buffer(name, torch.tensor(tables[name], dtype=torch.float32))
         lvlb = sched.vlb_weights(tables, self.parameterization)
         self.register_buffer("lvlb_weights", torch.tensor(lvlb, dtype=torch.float32), persistent=False)
+
+    @torch.no_grad()
+    def restore_schedule_precision(self, file_dtypes: Mapping[str, torch.dtype]) -> list[str]:
+        """Schedule buffers a checkpoint stored in fp16 / bf16 (as "pruned fp16" files do) carry that rounding
+        (alphas_cumprod off by up to 2e-4), which every sampler would inherit; diffusers recomputes its schedule
+        in float32. Where the file's values are this model's schedule up to that rounding, put back the float32
+        values (``file_dtypes``: each key's dtype in the file); a file holding another schedule keeps its own,
+        as CompVis loads it. Returns the names restored."""
+        rtol = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+        names = [n for n in sched.SCHEDULE_BUFFERS if file_dtypes.get(n) in rtol]
+        args = getattr(self, "_schedule_args", None)
+        if not names or args is None:
+            return []
+        tables = sched.schedule_tables(*args, self.v_posterior)
+        exact = {}
+        for n in names:
+            buf = getattr(self, n)
+            value = torch.tensor(tables[n], dtype=torch.float32, device=buf.device)
+            tol = rtol[file_dtypes[n]] * value.abs() + 1e-7
+            if value.shape != buf.shape or bool(((buf.float() - value).abs() > tol).any()):
+                return []  # not this config's schedule, rounded: the file's own
+            exact[n] = value
+        for n, value in exact.items():
+            getattr(self, n).copy_(value)
+        return names
 
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> None:
         from ldm.checkpoint import load_into_model, read_state_dict
