@@ -2,8 +2,9 @@
 """Approximate accelerations (off by default) against the exact path, measured in the same run.
 
 On the bundled digits demo at its default settings (16x16, DDIM 25 steps, guidance 3), for the exact path,
-feature reuse at its default (``deepcache_interval=3``, ``deepcache_depth=1``) and token merging at its default
-(``tome_ratio=0.5``): images per minute (best of ``--repeats`` timed generate() calls of ``10 * --per-digit``
+feature reuse at its default (``deepcache_interval=3``, ``deepcache_depth=1``), token merging at its default
+(``tome_ratio=0.5``), few-step sampling without distillation (DDIM 4 steps; the ``lcm`` sampler, 1 step) and the
+bundled LCM-LoRA (``ldm/assets/digits_demo/lcm-lora.safetensors``, merged; 1, 2 and 4 steps): images per minute (best of ``--repeats`` timed generate() calls of ``10 * --per-digit``
 images, paths interleaved), digit accuracy by the independent classifier of ``ldm.digit_metrics``, and the mean
 absolute pixel difference (0..1 scale) from the exact images.
 
@@ -27,10 +28,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEMO = ROOT / "ldm" / "assets" / "digits_demo"
+LCM_LORA = DEMO / "lcm-lora.safetensors"
+# "model": "lcm" runs on a copy of the demo with the bundled LCM-LoRA merged in (as diffusers' fuse_lora).
 PATHS: dict[str, dict] = {
     "exact": {},
     "feature reuse (deepcache_interval=3, depth 1)": {"deepcache_interval": 3},
     "token merging (tome_ratio=0.5)": {"tome_ratio": 0.5},
+    "few steps, no distillation: ddim 4 steps": {"steps": 4},
+    "few steps, no distillation: lcm 1 step": {"sampler": "lcm", "steps": 1},
+    "LCM-LoRA, lcm 1 step, guidance 1": {"model": "lcm", "sampler": "lcm", "steps": 1, "guidance_scale": 1.0},
+    "LCM-LoRA, lcm 2 steps, guidance 1": {"model": "lcm", "sampler": "lcm", "steps": 2, "guidance_scale": 1.0},
+    "LCM-LoRA, lcm 4 steps, guidance 1": {"model": "lcm", "sampler": "lcm", "steps": 4, "guidance_scale": 1.0},
 }
 
 
@@ -47,14 +55,21 @@ def demo_rows(per_digit: int, repeats: int) -> None:
     from ldm.digit_metrics import digit_classifier, digit_prompt, to_digit_features
     from ldm.generation import generate
 
+    from ldm.lora import load_lora, merge_lora
+
     model = load_model(DEMO / "config.yaml", DEMO / "model.safetensors")
+    lcm = load_model(DEMO / "config.yaml", DEMO / "model.safetensors")
+    load_lora(lcm, LCM_LORA)
+    merge_lora(lcm)
     defaults = dict(OmegaConf.to_container(OmegaConf.load(DEMO / "config.yaml").sampling))
     labels = [d for d in range(10) for _ in range(per_digit)]
     prompts = [digit_prompt(d) for d in labels]
     seeds = list(range(1000, 1000 + len(prompts)))
 
     def run(extra: dict) -> torch.Tensor:
-        return generate(model, prompts, seeds=seeds, progress=False, **defaults, **extra)
+        extra = dict(extra)
+        which = lcm if extra.pop("model", None) == "lcm" else model
+        return generate(which, prompts, seeds=seeds, progress=False, **{**defaults, **extra})
 
     run({})  # warm-up (first-call allocations, classifier-free caches)
     images: dict[str, torch.Tensor] = {}

@@ -26,8 +26,39 @@ from ldm.util import ConfigError
 DEFAULT_TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
                      "a photo of a clean {}", "a close-up photo of a {}", "a bright photo of the {}",
                      "a good photo of a {}", "a photo of one {}", "a photo of the large {}")
-# The base model is used as it is; these options of its config make no sense while only tokens train.
+# The base model is used as it is; these options of its config make no sense while only new parts train.
 _DROPPED = ("ckpt_path", "ignore_keys", "scheduler_config", "ucg_training")
+
+
+def load_frozen_base(module: LatentDiffusion, config: Optional[str], ckpt: Optional[str], what: str) -> tuple[str, str]:
+    """Run ``LatentDiffusion.__init__`` on ``module`` with the base model's config (``config``/``ckpt`` both None:
+    the bundled demo model), load its weights (strict) and freeze every one of them; returns the resolved
+    (config path, weights path). ``what`` names the training in error messages."""
+    from ldm.api import OPTIONAL_KEYS, load_config
+    from ldm.checkpoint import empty_init, load_into_model, read_state_dict, split_ema
+    from ldm.run_config import resolve_model
+    from ldm.util import get_obj_from_str
+
+    config_path, ckpt_path = resolve_model(config, ckpt)
+    node = load_config(config_path)
+    if get_obj_from_str(node.target) is not LatentDiffusion:
+        raise ConfigError(f"{what}: {config_path} builds {node.target}; only LatentDiffusion models "
+                          "(SD 1.x / 2.x text-to-image, the demo) are supported")
+    params = OmegaConf.to_container(node.params, resolve=True)
+    for key in _DROPPED:
+        params.pop(key, None)
+    first_stage = params.get("first_stage_config", {}).get("params", {})
+    first_stage.pop("ckpt_path", None)  # the weights file holds the first stage too
+    with empty_init():  # parameters come from the file: no random initialisation
+        LatentDiffusion.__init__(module, **{**params, "use_ema": False, "learn_logvar": False})
+    state = read_state_dict(ckpt_path)
+    names = [f"model.{n}" for n, _ in module.model.named_parameters()]
+    load_into_model(module, split_ema(state, names, False), strict=True, optional_keys=OPTIONAL_KEYS)
+    module.restore_schedule_precision({k: v.dtype for k, v in state.items()})
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module._std_rescaled = True  # the base model's latent scale stays as trained
+    return str(config_path), str(ckpt_path)
 
 
 class TextualInversionDiffusion(LatentDiffusion):
@@ -40,41 +71,19 @@ class TextualInversionDiffusion(LatentDiffusion):
     def __init__(self, placeholder: str, init_word: str, config: Optional[str] = None, ckpt: Optional[str] = None,
                  num_vectors: int = 1, templates: Sequence[str] = DEFAULT_TEMPLATES,
                  export_dir: Optional[str] = None) -> None:
-        from ldm.api import OPTIONAL_KEYS, load_config
-        from ldm.checkpoint import empty_init, load_into_model, read_state_dict, split_ema
-        from ldm.run_config import resolve_model
-        from ldm.util import get_obj_from_str
-
         templates = list(templates)
         if not templates or any("{}" not in t for t in templates):
             raise ConfigError(f"textual inversion: every template needs a {{}} for the placeholder, got {templates}")
         if not placeholder or not placeholder.strip():
             raise ConfigError("textual inversion: placeholder is empty; give the new token, e.g. placeholder='<my-cat>'")
-        config_path, ckpt_path = resolve_model(config, ckpt)
-        node = load_config(config_path)
-        if get_obj_from_str(node.target) is not LatentDiffusion:
-            raise ConfigError(f"textual inversion: {config_path} builds {node.target}; only LatentDiffusion models "
-                              "(SD 1.x / 2.x text-to-image, the demo) are supported")
-        params = OmegaConf.to_container(node.params, resolve=True)
-        for key in _DROPPED:
-            params.pop(key, None)
-        first_stage = params.get("first_stage_config", {}).get("params", {})
-        first_stage.pop("ckpt_path", None)  # the weights file holds the first stage too
-        with empty_init():  # parameters come from the file: no random initialisation
-            super().__init__(**{**params, "use_ema": False, "learn_logvar": False})
-        state = read_state_dict(ckpt_path)
-        names = [f"model.{n}" for n, _ in self.model.named_parameters()]
-        load_into_model(self, split_ema(state, names, False), strict=True, optional_keys=OPTIONAL_KEYS)
+        config_path, ckpt_path = load_frozen_base(self, config, ckpt, "textual inversion")
         encoder = self.cond_stage_model
         if not callable(getattr(encoder, "token_embedding", None)):
             raise ConfigError(f"textual inversion: the cond stage of {config_path} is not a CLIP/OpenCLIP text encoder")
-        for p in self.parameters():
-            p.requires_grad_(False)
         self.textual_inversion = TrainableTokens(encoder, placeholder, init_word, num_vectors)
         self.placeholder, self.templates = placeholder, templates
         self.export_dir = export_dir
-        self.base_config, self.base_ckpt = str(config_path), str(ckpt_path)
-        self._std_rescaled = True  # the base model's latent scale stays as trained
+        self.base_config, self.base_ckpt = config_path, ckpt_path
 
     def train(self, mode: bool = True) -> "TextualInversionDiffusion":
         super().train(mode)

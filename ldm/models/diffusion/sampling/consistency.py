@@ -30,12 +30,12 @@ def _timestep(schedule: Schedule, sigma: torch.Tensor) -> float:
     return float(schedule.sigma_to_t(sigma.reshape(1).to(schedule.sigmas.device))[0])
 
 
-def boundary_scalings(t: float, timestep_scaling: float = 10.0) -> tuple[float, float]:
-    """LCM's (c_skip, c_out) at training timestep ``t``: the consistency function is
-    ``c_skip * z + c_out * x0``, which is ``z`` itself at t = 0 and tends to ``x0`` as t grows."""
+def boundary_scalings(t, timestep_scaling: float = 10.0):
+    """LCM's (c_skip, c_out) at training timestep ``t`` (a float, or a tensor of them): the consistency function
+    is ``c_skip * z + c_out * x0``, which is ``z`` itself at t = 0 and tends to ``x0`` as t grows."""
     scaled = t * timestep_scaling
     c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
-    c_out = scaled / math.sqrt(scaled**2 + SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
     return c_skip, c_out
 
 
