@@ -305,7 +305,8 @@ def test_the_model_manager_lists_the_folders_and_holds_one_model(models_dir):
     manager = ModelManager([ROOT / "ldm/assets/digits_demo", models_dir])
     by_kind = {c.path.name: c.kind for c in manager.checkpoints}
     assert by_kind == {"model.safetensors": "model", "tiny.safetensors": "model", "mismatch.safetensors": "model",
-                       "style-lora.safetensors": "lora", "vae.safetensors": "vae"}
+                       "style-lora.safetensors": "lora", "vae.safetensors": "vae",
+                       "lcm-lora.safetensors": "lora"}  # the demo's own LCM-LoRA, offered in the picker
     assert manager.default_name() == "digits_demo/model.safetensors"
     demo = weakref.ref(manager.load("digits_demo/model.safetensors", "cpu"))
     assert manager.load("digits_demo/model.safetensors", "cpu") is demo()  # already loaded: kept
