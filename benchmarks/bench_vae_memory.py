@@ -48,14 +48,6 @@ def rss_kib(field: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def build(impl: str, precision: str, tiled: bool, tile: int):
     """(decode function, weights module) for one row; ours and diffusers' hold the same random weights."""
     import torch
@@ -93,13 +85,15 @@ def child(key: str, size: int, tile: int, out: str) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
+    from benchmarks.bench_txt2img import reset_peak_rss
+
     torch.set_grad_enabled(False)
     impl, precision, tiled = ROWS[key]
     decode, _ = build(impl, precision, tiled, tile)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(1))
     before = rss_kib("VmRSS")  # the weights; building / converting them is not counted (VmHWM reset)
-    can_reset = reset_peak()
+    can_reset = reset_peak_rss()
     decode(z[:, :, : size // 32, : size // 32].to(dtype))  # warm-up (1/16 of the area): kernels chosen
     start = time.perf_counter()
     image = decode(z.to(dtype))
