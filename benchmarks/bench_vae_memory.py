@@ -74,7 +74,6 @@ def build(impl: str, precision: str, tiled: bool, tile: int):
     cfg["sample_size"] = tile * 8  # the tile size of enable_tiling(), in pixels
     ref = diffusers.AutoencoderKL(**cfg).eval()
     ref.load_state_dict(sf.convert_ldm_vae_checkpoint(ckpt, cfg), strict=True)
-    del vae, ckpt
     ref.to(dtype)
     if tiled:
         ref.enable_tiling()

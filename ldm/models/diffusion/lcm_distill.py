@@ -22,8 +22,8 @@ import torch
 
 from ldm.models.diffusion import schedule as sched
 from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.models.diffusion.frozen_base import load_frozen_base
 from ldm.models.diffusion.sampling.consistency import boundary_scalings
-from ldm.models.diffusion.textual_inversion import load_frozen_base
 from ldm.util import ConfigError
 
 # Every linear / convolution of the attention blocks and the ResBlocks' convolutions and time projections
@@ -69,7 +69,6 @@ class LCMDistillation(LatentDiffusion):
         self.register_buffer("solver_timesteps", torch.arange(self.skip - 1, self.num_timesteps, self.skip),
                              persistent=False)
         add_lora(self, rank=rank, alpha=alpha, unet_targets=list(targets))
-        self.lora_settings = {"rank": rank, "alpha": float(rank if alpha is None else alpha), "targets": list(targets)}
         self.export_dir = export_dir
 
     def train(self, mode: bool = True) -> "LCMDistillation":
@@ -78,9 +77,12 @@ class LCMDistillation(LatentDiffusion):
         return self
 
     def _unet(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor, adapters: bool) -> torch.Tensor:
+        """The UNet's output, with the adapters as trained or (the teacher) switched off for this call."""
         from ldm.lora import set_lora_scale
 
-        set_lora_scale(self, 1.0 if adapters else 0.0)
+        if adapters:
+            return self.apply_model(z, t, context)
+        set_lora_scale(self, 0.0)
         try:
             return self.apply_model(z, t, context)
         finally:
