@@ -4,8 +4,8 @@
 On the bundled digits demo at its default settings (16x16, DDIM 25 steps, guidance 3), for the exact path,
 feature reuse at its default (``deepcache_interval=3``, ``deepcache_depth=1``), token merging at its default
 (``tome_ratio=0.5``), few-step sampling without distillation (DDIM 4 steps; the ``lcm`` sampler, 1 step) and the
-bundled LCM-LoRA (``ldm/assets/digits_demo/lcm-lora.safetensors``, merged; 1, 2 and 4 steps): images per minute (best of ``--repeats`` timed generate() calls of ``10 * --per-digit``
-images, paths interleaved), digit accuracy by the independent classifier of ``ldm.digit_metrics``, and the mean
+bundled LCM-LoRA (``ldm/assets/digits_demo/lcm-lora.safetensors``, merged; 1, 2 and 4 steps): images per
+minute (best of ``--repeats`` timed generate() calls of ``10 * --per-digit`` images, paths interleaved), digit accuracy by the independent classifier of ``ldm.digit_metrics``, and the mean
 absolute pixel difference (0..1 scale) from the exact images.
 
 ``--sd-unet``: also one UNet call of SD 1.x size (random weights, 64x64 latents = 512x512 images, CFG batch 2):

@@ -124,8 +124,6 @@ def load_model(
         except CheckpointError as err:
             looks = guess_architecture({k: tuple(v.shape) for k, v in state.items()})
             raise CheckpointError(f"{ckpt} (looks like {looks}) does not fit config {_describe(config)}: {err}") from None
-        if hasattr(model, "restore_schedule_precision"):
-            model.restore_schedule_precision({k: v.dtype for k, v in state.items()})
     return model.to(device).eval()
 
 

@@ -305,6 +305,8 @@ def load_into_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
 
     Floating tensors are cast to ``dtype``, or else to the dtype of the model tensor they replace;
     they move to that tensor's device unless it is meta (then they stay where they were read).
+    A model with ``restore_schedule_precision`` (DDPM / LatentDiffusion) then gets a half-precision file's
+    rounded noise schedule back in float32.
     """
     ignore, optional = list(ignore_keys), list(optional_keys)
     expected, sd = check_state_dict(model, state_dict, strict=strict, ignore_keys=ignore, optional_keys=optional)
@@ -332,6 +334,9 @@ def load_into_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
     for n, p in model.named_parameters():
         p.requires_grad_(grads.get(n, p.requires_grad))  # assign=True must not change trainability
     _check_materialised(model)
+    restore = getattr(model, "restore_schedule_precision", None)
+    if callable(restore):  # diffusion models: a half-precision file's rounded noise schedule back in float32
+        restore({k: v.dtype for k, v in state_dict.items()})
 
 
 def _check_materialised(model: nn.Module) -> None:

@@ -36,7 +36,6 @@ def load_frozen_base(module: LatentDiffusion, config: Optional[str], ckpt: Optio
     state = read_state_dict(ckpt_path)
     names = [f"model.{n}" for n, _ in module.model.named_parameters()]
     load_into_model(module, split_ema(state, names, False), strict=True, optional_keys=OPTIONAL_KEYS)
-    module.restore_schedule_precision({k: v.dtype for k, v in state.items()})
     for p in module.parameters():
         p.requires_grad_(False)
     module._std_rescaled = True  # the base model's latent scale stays as trained
