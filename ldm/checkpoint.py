@@ -242,14 +242,17 @@ def _grouped(keys: Iterable[str], limit: int = 8) -> list[str]:
     return lines
 
 
+GUIDANCE_INPUT_KEY = "model.diffusion_model.time_embedding.cond_proj.weight"  # guidance-distilled (LCM) UNets
+
+
 def _raise_on_mismatch(model: nn.Module, missing: list[str], unexpected: list[str], shapes: list[str],
-                       strict: bool) -> None:
+                       strict: bool, hint: str = "") -> None:
     if not shapes and not (strict and (missing or unexpected)):
         return
     counts = ", ".join(f"{n} {what}" for n, what in [(len(missing), "missing"), (len(unexpected), "unexpected"),
                                                       (len(shapes), "shape mismatches")] if n)
     lines = [f"checkpoint does not match {type(model).__name__} ({counts}); use the matching config/file, "
-             "or pass ignore_keys / strict=False if this is intended"]
+             f"or pass ignore_keys / strict=False if this is intended{hint}"]
     if strict and missing:
         lines += [f"  missing from file ({len(missing)}):", *_grouped(missing)]
     if strict and unexpected:
@@ -273,7 +276,12 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *
     unexpected = [k for k in sd if k not in expected]
     shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
               for k, v in sd.items() if k in expected and v.shape != expected[k].shape]
-    _raise_on_mismatch(model, missing, unexpected, shapes, strict)
+    hint = ""
+    if GUIDANCE_INPUT_KEY in unexpected:
+        hint = (f"; the file is a guidance-distilled (LCM) model: its config needs time_cond_proj_dim: "
+                f"{sd[GUIDANCE_INPUT_KEY].shape[-1]} in the UNet's params (SD 1.x: "
+                "configs/stable-diffusion/v1-lcm-inference.yaml)")
+    _raise_on_mismatch(model, missing, unexpected, shapes, strict, hint)
     return expected, sd
 
 

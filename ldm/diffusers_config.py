@@ -36,7 +36,7 @@ _UNET_FIXED: dict[str, tuple] = {
     "class_embed_type": (None,), "num_class_embeds": (None,), "resnet_time_scale_shift": ("default",),
     "resnet_skip_time_act": (False,), "resnet_out_scale_factor": (1.0,), "time_embedding_type": ("positional",),
     "time_embedding_dim": (None,), "time_embedding_act_fn": (None,), "timestep_post_act": (None,),
-    "time_cond_proj_dim": (None,), "conv_in_kernel": (3,), "conv_out_kernel": (3,), "attention_type": ("default",),
+    "conv_in_kernel": (3,), "conv_out_kernel": (3,), "attention_type": ("default",),
     "class_embeddings_concat": (False,), "mid_block_only_cross_attention": (None, False),
     "cross_attention_norm": (None,), "addition_embed_type": (None, "text_time"),
 }
@@ -76,6 +76,9 @@ def diffusers_configs(model: torch.nn.Module, node: DictConfig, slots: list[Text
         unet.update(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=micro[0].outdim)
     elif params.get("image_size"):
         unet["sample_size"] = int(params["image_size"])
+    guidance_dim = getattr(model.model.diffusion_model, "time_cond_proj_dim", None)
+    if guidance_dim is not None:  # diffusers' single-file utilities do not know guidance-distilled UNets
+        unet["time_cond_proj_dim"] = int(guidance_dim)
     scale = float(params.get("scale_factor", 1.0))
     vae = sf.create_vae_diffusers_config_from_ldm(original, shapes, scaling_factor=scale)
     out: dict[str, Any] = {"unet": unet, "vae": vae, "tokenizers": {}}
@@ -83,7 +86,7 @@ def diffusers_configs(model: torch.nn.Module, node: DictConfig, slots: list[Text
         out[slot.component] = _text_config(model, slot, sdxl)
         out["tokenizers"][slot.component.replace("text_encoder", "tokenizer")] = (
             CLIP_PAD if slot.kind == "clip" else OPENCLIP_PAD)
-    out["scheduler"] = _scheduler(model, params, sdxl)
+    out["scheduler"] = _scheduler(model, params, sdxl, lcm=guidance_dim is not None)
     out["pipeline"] = _pipeline(unet, slots, sdxl)
     return out
 
@@ -115,8 +118,10 @@ def _text_config(model: torch.nn.Module, slot: TextSlot, sdxl: bool) -> dict[str
     return {"class": "CLIPTextModelWithProjection" if slot.projection else "CLIPTextModel", **fields}
 
 
-def _scheduler(model: torch.nn.Module, params: Mapping[str, Any], sdxl: bool) -> tuple[str, dict[str, Any]]:
-    """The scheduler of the family's official folders, with our noise schedule and prediction type."""
+def _scheduler(model: torch.nn.Module, params: Mapping[str, Any], sdxl: bool,
+               lcm: bool = False) -> tuple[str, dict[str, Any]]:
+    """The scheduler of the family's official folders (``lcm``: of LCM models' folders), with our noise schedule
+    and prediction type."""
     if sdxl:
         disc = params["denoiser_config"].get("params", {}).get("discretization_config", {}).get("params", {})
         start, end = disc.get("linear_start", 0.00085), disc.get("linear_end", 0.012)
@@ -134,6 +139,8 @@ def _scheduler(model: torch.nn.Module, params: Mapping[str, Any], sdxl: bool) ->
         raise CheckpointError("only eps- and v-prediction models have a diffusers scheduler config")
     common = dict(num_train_timesteps=int(steps), beta_start=float(start), beta_end=float(end),
                   beta_schedule="scaled_linear", prediction_type=prediction, steps_offset=1)
+    if lcm:  # a guidance-distilled model samples in a few consistency steps (its folders' scheduler)
+        return "LCMScheduler", dict(common, original_inference_steps=50, clip_sample=False, set_alpha_to_one=True)
     if sdxl:
         return "EulerDiscreteScheduler", dict(common, timestep_spacing="leading", interpolation_type="linear")
     if prediction == "v_prediction":
@@ -150,6 +157,9 @@ def _pipeline(unet: Mapping[str, Any], slots: list[TextSlot], sdxl: bool) -> tup
             return "StableDiffusionXLImg2ImgPipeline", dict(requires_aesthetics_score=True,
                                                             force_zeros_for_empty_prompt=False, add_watermarker=False)
         return "StableDiffusionXLPipeline", dict(force_zeros_for_empty_prompt=True, add_watermarker=False)
+    if unet.get("time_cond_proj_dim") is not None and not inpaint:
+        return "LatentConsistencyModelPipeline", dict(safety_checker=None, feature_extractor=None,
+                                                      requires_safety_checker=False)
     name = "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline"
     return name, dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
@@ -330,7 +340,8 @@ def _apply_unet(params: DictConfig, unet: Mapping[str, Any], where: str) -> None
                         ("num_res_blocks", unet["layers_per_block"]),
                         ("transformer_depth", list(depth) if isinstance(depth, (list, tuple)) else depth),
                         ("context_dim", list(context) if isinstance(context, (list, tuple)) else context),
-                        ("use_linear_in_transformer", bool(unet["use_linear_projection"]))):
+                        ("use_linear_in_transformer", bool(unet["use_linear_projection"])),
+                        ("time_cond_proj_dim", unet["time_cond_proj_dim"])):
         _put(params, name, value, default=False if name == "use_linear_in_transformer" else None)
     if sorted(params.get("attention_resolutions", [])) != [2 ** i for i in attention]:
         params.attention_resolutions = [2 ** i for i in attention]

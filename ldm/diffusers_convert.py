@@ -19,7 +19,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ldm.api import OPTIONAL_KEYS, _has_ema_option, build_model, guess_architecture, load_config
-from ldm.checkpoint import CheckpointError, check_state_dict, read_state_dict, save_state_dict, split_ema
+from ldm.checkpoint import (
+    GUIDANCE_INPUT_KEY, CheckpointError, check_state_dict, read_state_dict, save_state_dict, split_ema,
+)
 from ldm.diffusers_folder import folder_state_dict, write_folder
 
 PathLike = Union[str, os.PathLike]
@@ -57,6 +59,8 @@ def infer_config(state: Mapping[str, torch.Tensor], source: PathLike) -> str:
     """The bundled config of a full-size CompVis file, where its weights decide it."""
     looks = guess_architecture({k: tuple(v.shape) for k, v in state.items()})
     name = INFERRED.get(looks)
+    if looks == "SD 1.x" and GUIDANCE_INPUT_KEY in state:
+        name = "v1-lcm-inference"
     if looks == "SDXL":
         name = "sdxl-refiner" if any(k.startswith("conditioner.embedders.0.model.") for k in state) else "sdxl-base"
     if name is None:

@@ -39,7 +39,12 @@ from ldm.diffusers_keys import DIFFUSERS_HINT, KeyMap, TextSlot, text_slots, to_
 PathLike = Union[str, os.PathLike]
 EXTRAS = "compvis_extras.safetensors"
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
-             "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+             "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "LatentConsistencyModelPipeline",
+             "LatentConsistencyModelImg2ImgPipeline")
+# Few-step schedulers: a folder that ships one samples with our sampler of that name by default, at the step count
+# and guidance diffusers' LCM pipeline defaults to (8.5 for guidance-distilled UNets, which take it as an input;
+# 1 = unguided for the others, e.g. LCM-LoRA fused into the weights).
+FEW_STEP_SCHEDULERS = {"LCMScheduler": "lcm", "TCDScheduler": "tcd"}
 COMPONENT_CLASSES = {"unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",),
                      "text_encoder": ("CLIPTextModel", "CLIPTextModelWithProjection"),
                      "text_encoder_2": ("CLIPTextModel", "CLIPTextModelWithProjection")}
@@ -93,6 +98,17 @@ def read_configs(folder: PathLike) -> FolderConfigs:
     return FolderConfigs(str(root), index, component("unet"), component("vae"),
                          component("scheduler", "scheduler_config.json"), component("text_encoder", required=False),
                          component("text_encoder_2", required=False))
+
+
+def folder_sampling_defaults(folder: PathLike) -> dict[str, Any]:
+    """Sampling defaults a folder implies (as a model config's ``sampling:`` mapping): few-step sampling for the
+    folders of LCM / TCD models; {} for others."""
+    cfgs = read_configs(folder)
+    sampler = FEW_STEP_SCHEDULERS.get(cfgs.scheduler.get("_class_name"))
+    if sampler is None:
+        return {}
+    guided = cfgs.unet.get("time_cond_proj_dim") is not None
+    return {"sampler": sampler, "steps": 4, "guidance_scale": 8.5 if guided else 1.0}
 
 
 def folder_config(folder: PathLike) -> DictConfig:

@@ -23,6 +23,7 @@ from torch import nn
 from ldm.checkpoint import CheckpointError
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
+GUIDANCE_KEY = "time_embedding.cond_proj.weight"  # a guidance-distilled UNet's (LCM) guidance projection, both layouts
 DIFFUSERS_HINT = "reading or writing diffusers folders needs the diffusers package: pip install diffusers"
 
 
@@ -102,6 +103,9 @@ def to_diffusers(state: Mapping[str, torch.Tensor], slots: list[TextSlot], unet_
 
     out = {"unet": sf.convert_ldm_unet_checkpoint(part(UNET_PREFIX), dict(unet_config)),
            "vae": sf.convert_ldm_vae_checkpoint(part(VAE_PREFIX), dict(vae_config))}
+    guidance = UNET_PREFIX + GUIDANCE_KEY
+    if guidance in state:  # guidance-distilled UNets (LCM): our key is diffusers' name, which its utilities skip
+        out["unet"][GUIDANCE_KEY] = state[guidance]
     for slot in slots:
         if slot.kind == "clip":
             out[slot.component] = sf.convert_ldm_clip_checkpoint(part(slot.prefix), remove_prefix=slot.prefix)

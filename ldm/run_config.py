@@ -234,8 +234,10 @@ def resolve_model(config: Optional[str], ckpt: Optional[str]) -> tuple[Path, Pat
 
 def model_sampling_defaults(config_path: Path) -> dict[str, Any]:
     """The ``sampling:`` mapping of a model config (e.g. the demo's native size and steps), or {}."""
-    if config_path.is_dir():  # a diffusers folder
-        return {}
+    if config_path.is_dir():  # a diffusers folder: few-step sampling for LCM / TCD folders
+        from ldm.diffusers_folder import folder_sampling_defaults
+
+        return folder_sampling_defaults(config_path)
     cfg = load_yaml(config_path)
     node = cfg.get("sampling") if isinstance(cfg, DictConfig) else None
     if node is None:

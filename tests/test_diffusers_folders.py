@@ -97,7 +97,7 @@ def test_compvis_file_to_diffusers_folder_and_back_is_bit_identical(name, tmp_pa
     assert ref.std() > 0.05 and (ours - ref).abs().max().item() < MAX_DIFF
 
 
-BUNDLED = ("v1-inference", "v1-inpainting-inference", "v2-inference", "v2-inference-v", "v2-inpainting-inference",
+BUNDLED = ("v1-inference", "v1-lcm-inference", "v1-inpainting-inference", "v2-inference", "v2-inference-v", "v2-inpainting-inference",
            "sdxl-base", "sdxl-refiner")
 
 

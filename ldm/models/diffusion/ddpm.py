@@ -36,15 +36,18 @@ class DiffusionWrapper(nn.Module):
         self.diffusion_model = instantiate_from_config(diff_model_config)
         self.conditioning_key = conditioning_key
 
-    def forward(self, x, t, c_concat: Optional[list] = None, c_crossattn: Optional[list] = None, c_adm=None):
+    def forward(self, x, t, c_concat: Optional[list] = None, c_crossattn: Optional[list] = None, c_adm=None,
+                timestep_cond: Optional[torch.Tensor] = None):
+        """``timestep_cond``: the guidance embedding of a guidance-distilled UNet (``time_cond_proj_dim``)."""
         key = self.conditioning_key
+        extra = {} if timestep_cond is None else {"timestep_cond": timestep_cond}
         if key in ("concat", "hybrid", "hybrid-adm"):
             x = torch.cat([x, *c_concat], dim=1)
         context = torch.cat(c_crossattn, 1) if key in ("crossattn", "hybrid", "hybrid-adm", "crossattn-adm") else None
         if key == "adm":
-            return self.diffusion_model(x, t, y=c_crossattn[0])
+            return self.diffusion_model(x, t, y=c_crossattn[0], **extra)
         y = c_adm if key in ("hybrid-adm", "crossattn-adm") else None
-        return self.diffusion_model(x, t, context=context, y=y)
+        return self.diffusion_model(x, t, context=context, y=y, **extra)
 
 
 class DDPM(DiffusionTrainingMixin, DDPMSamplingMixin, pl.LightningModule):

@@ -33,7 +33,8 @@ class _NetworkWrapper(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if "concat" in cond:
             x = torch.cat([x, cond["concat"].to(x)], dim=1)
-        return self.diffusion_model(x, t, context=cond.get("crossattn"), y=cond.get("vector"))
+        extra = {"timestep_cond": cond["timestep_cond"]} if "timestep_cond" in cond else {}
+        return self.diffusion_model(x, t, context=cond.get("crossattn"), y=cond.get("vector"), **extra)
 
 
 class DiffusionEngine(DiffusionTrainingMixin, pl.LightningModule):

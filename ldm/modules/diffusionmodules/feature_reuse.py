@@ -57,20 +57,20 @@ class FeatureReuse:
         self._cache = self._cache_key = None
 
     def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
-                 y: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 y: Optional[torch.Tensor] = None, timestep_cond: Optional[torch.Tensor] = None) -> torch.Tensor:
         key = (tuple(x.shape), None if context is None else tuple(context.shape), x.device)
         full = self.calls % self.interval == 0 or self._cache is None or key != self._cache_key
         self.calls += 1
         if full:
-            return self._full(x, timesteps, context, y, key)
-        return self._shallow(x, timesteps, context, y)
+            return self._full(x, timesteps, context, y, timestep_cond, key)
+        return self._shallow(x, timesteps, context, y, timestep_cond)
 
     def _full(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor],
-              y: Optional[torch.Tensor], key: tuple) -> torch.Tensor:
+              y: Optional[torch.Tensor], timestep_cond: Optional[torch.Tensor], key: tuple) -> torch.Tensor:
         kept: list[torch.Tensor] = []
         hook = self.cache_source.register_forward_hook(lambda _module, _args, out: kept.append(out))
         try:
-            out = UNetModel.forward(self.unet, x, timesteps, context, y)
+            out = UNetModel.forward(self.unet, x, timesteps, context, y, timestep_cond)
         finally:
             hook.remove()
         self._cache, self._cache_key = kept[-1], key
@@ -78,9 +78,9 @@ class FeatureReuse:
         return out
 
     def _shallow(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor],
-                 y: Optional[torch.Tensor]) -> torch.Tensor:
+                 y: Optional[torch.Tensor], timestep_cond: Optional[torch.Tensor]) -> torch.Tensor:
         unet = self.unet
-        h, emb, context = unet.prepare_inputs(x, timesteps, context, y)
+        h, emb, context = unet.prepare_inputs(x, timesteps, context, y, timestep_cond)
         skips = []
         for module in unet.input_blocks[: self.shallow]:
             h = module(h, emb, context)

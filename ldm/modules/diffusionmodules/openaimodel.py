@@ -182,6 +182,21 @@ def _per_level(value, n_levels: int, name: str) -> list:
     return value
 
 
+class GuidanceInput(nn.Module):
+    """The guidance-scale input of guidance-distilled UNets (LCM models, diffusers' ``time_cond_proj_dim``): the
+    embedding of ``w = scale - 1`` (``util.guidance_scale_embedding``) projected, without bias, onto the
+    sinusoidal timestep embedding before ``time_embed``. The UNet holds it as ``time_embedding`` so that its
+    weight's key is ``time_embedding.cond_proj.weight``, the name diffusers' UNet gives it and that files
+    converted from diffusers folders carry."""
+
+    def __init__(self, dim: int, channels: int):
+        super().__init__()
+        self.cond_proj = nn.Linear(dim, channels, bias=False)
+
+    def forward(self, timestep_cond: torch.Tensor) -> torch.Tensor:
+        return self.cond_proj(timestep_cond)
+
+
 class UNetModel(nn.Module):
     """The full UNet with attention and timestep embedding (CompVis signature)."""
 
@@ -219,6 +234,7 @@ class UNetModel(nn.Module):
         adm_in_channels: Optional[int] = None,
         transformer_depth_middle: Optional[int] = None,
         spatial_transformer_attn_type: str = "softmax",
+        time_cond_proj_dim: Optional[int] = None,
     ):
         super().__init__()
         # sgm configs choose an attention kernel by name; every one of them is softmax attention, which
@@ -275,6 +291,11 @@ class UNetModel(nn.Module):
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(linear(model_channels, time_embed_dim), nn.SiLU(), linear(time_embed_dim, time_embed_dim))
+        self.time_cond_proj_dim = time_cond_proj_dim
+        if time_cond_proj_dim is not None:
+            if isinstance(time_cond_proj_dim, bool) or not isinstance(time_cond_proj_dim, int) or time_cond_proj_dim < 4:
+                raise ValueError(f"time_cond_proj_dim must be an integer >= 4 (LCM models: 256), got {time_cond_proj_dim!r}")
+            self.time_embedding = GuidanceInput(time_cond_proj_dim, model_channels)
         if num_classes is not None:
             if isinstance(num_classes, int):
                 self.label_emb = nn.Embedding(num_classes, time_embed_dim)
@@ -327,9 +348,11 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
-                y: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
-        """Predict eps / v / x0 (per the model's training) for ``x`` at ``timesteps``."""
-        h, emb, context = self.prepare_inputs(x, timesteps, context, y)
+                y: Optional[torch.Tensor] = None, timestep_cond: Optional[torch.Tensor] = None,
+                **kwargs) -> torch.Tensor:
+        """Predict eps / v / x0 (per the model's training) for ``x`` at ``timesteps``. ``timestep_cond``
+        [B, time_cond_proj_dim]: the guidance embedding of a guidance-distilled model (see :class:`GuidanceInput`)."""
+        h, emb, context = self.prepare_inputs(x, timesteps, context, y, timestep_cond)
         skips = []
         for module in self.input_blocks:
             h = module(h, emb, context)
@@ -341,15 +364,25 @@ class UNetModel(nn.Module):
         return self.out(h).to(x.dtype)
 
     def prepare_inputs(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
-                       y: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """What the blocks take: ``x`` and ``context`` in the weights' dtype, and the timestep (+ label) embedding."""
+                       y: Optional[torch.Tensor] = None, timestep_cond: Optional[torch.Tensor] = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """What the blocks take: ``x`` and ``context`` in the weights' dtype, and the timestep (+ guidance, + label)
+        embedding."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass y (class labels / vector) exactly when the model was built with num_classes")
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x.shape[0])
         dtype = self.time_embed[0].weight.dtype
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        t_emb = timestep_embedding(timesteps, self.model_channels).to(dtype)
+        if timestep_cond is not None:
+            if self.time_cond_proj_dim is None:
+                raise ValueError("timestep_cond given, but this UNet takes no guidance embedding (time_cond_proj_dim)")
+            if tuple(timestep_cond.shape) != (x.shape[0], self.time_cond_proj_dim):
+                raise ValueError(f"timestep_cond has shape {tuple(timestep_cond.shape)}; this UNet needs "
+                                 f"({x.shape[0]}, {self.time_cond_proj_dim})")
+            t_emb = t_emb + self.time_embedding(timestep_cond.to(x.device, dtype))
+        emb = self.time_embed(t_emb)
         if self.num_classes is not None:
             if y.shape[0] != x.shape[0]:
                 raise ValueError(f"y has batch size {y.shape[0]} but x has {x.shape[0]}")

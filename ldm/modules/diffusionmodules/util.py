@@ -118,6 +118,24 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 1000
     return emb
 
 
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding [N, dim] of guidance weights ``w`` [N], the input of guidance-distilled UNets (LCM's
+    ``w = scale - 1``; diffusers' ``get_guidance_scale_embedding``): ``1000 w`` times frequencies spaced
+    geometrically from 1 to 1/10000 inclusive, sin half first, zero-padded to an odd ``dim``."""
+    half = dim // 2
+    if half < 2:
+        raise ValueError(f"a guidance embedding needs at least 4 dimensions, got {dim}")
+    # The step is rounded to float32 before scaling the indices, as diffusers does: at w = 7.5 the arguments reach
+    # 7500, where a last-bit difference in a frequency would move the sines by 1e-4.
+    step = torch.tensor(math.log(10000.0) / (half - 1), dtype=torch.float32)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
+    args = (1000.0 * w.float())[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 (statistics in half precision drift).
 

@@ -19,7 +19,7 @@ from ldm.models.diffusion.sampling import consistency, solvers
 from ldm.models.diffusion.sampling.approx import Approximations, approximations
 from ldm.models.diffusion.sampling.denoiser import DiscreteDenoiser
 from ldm.models.diffusion.sampling.discretization import get_sigmas
-from ldm.models.diffusion.sampling.guidance import CFGDenoiser, MaskedDenoiser
+from ldm.models.diffusion.sampling.guidance import CFGDenoiser, MaskedDenoiser, guidance_input_dim, with_guidance_input
 from ldm.offload import execution_device
 
 
@@ -138,6 +138,8 @@ def sample(
         options["schedule"] = den
     if spec.distilled and guidance_scale <= 1:
         uncond = None  # LCM-LoRA etc. run unguided at scale 1 (or below), as in diffusers: one UNet call per step
+    if guidance_input_dim(model) is not None:  # guidance-distilled (LCM) models take the scale as an input
+        uncond, cond = None, with_guidance_input(model, cond, guidance_scale)
     device = execution_device(model)
     dtype = torch.float32
     if sigmas is None:

@@ -6,9 +6,11 @@ eps or v as CompVis and diffusers do.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
+
+from ldm.modules.diffusionmodules.util import guidance_scale_embedding
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
@@ -34,6 +36,36 @@ def rescale_guidance(guided: torch.Tensor, cond_pred: torch.Tensor, rescale: flo
     dims = list(range(1, guided.dim()))
     factor = cond_pred.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-12)
     return rescale * guided * factor + (1 - rescale) * guided
+
+
+def guidance_input_dim(model: Any) -> Optional[int]:
+    """The guidance-embedding width of a guidance-distilled model's UNet (LCM models: 256); None for others."""
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    return getattr(unet, "time_cond_proj_dim", None)
+
+
+def _batch_of(cond: Any) -> torch.Tensor:
+    if isinstance(cond, dict):
+        return _batch_of(next(v for v in cond.values() if v is not None))
+    if isinstance(cond, (list, tuple)):
+        return _batch_of(cond[0])
+    return cond
+
+
+def with_guidance_input(model: Any, cond: Any, scale: float) -> Any:
+    """``cond`` carrying the embedding of ``w = scale - 1`` (``timestep_cond``) for a guidance-distilled model, as
+    diffusers' pipelines do: such a model is guided by that input, in one UNet call per step, instead of by CFG.
+    A bare tensor / list becomes LatentDiffusion's dict form (the key ``apply_model`` would choose)."""
+    dim = guidance_input_dim(model)
+    if dim is None:
+        return cond
+    like = _batch_of(cond)
+    w = torch.full((like.shape[0],), float(scale) - 1.0, device=like.device)
+    embedding = guidance_scale_embedding(w, dim)
+    if isinstance(cond, dict):
+        return {**cond, "timestep_cond": embedding}
+    key = "c_concat" if getattr(model.model, "conditioning_key", None) == "concat" else "c_crossattn"
+    return {key: list(cond) if isinstance(cond, (list, tuple)) else [cond], "timestep_cond": embedding}
 
 
 class CFGDenoiser:
