@@ -8,12 +8,14 @@ bundled LCM-LoRA (``ldm/assets/digits_demo/lcm-lora.safetensors``, merged; 1, 2 
 minute (best of ``--repeats`` timed generate() calls of ``10 * --per-digit`` images, paths interleaved), digit accuracy by the independent classifier of ``ldm.digit_metrics``, and the mean
 absolute pixel difference (0..1 scale) from the exact images.
 
-``--sd-unet``: also one UNet call of SD 1.x size (random weights, 64x64 latents = 512x512 images, CFG batch 2):
-seconds for the exact call, a feature-reuse call (and the average of an interval-3 cycle: one full + two reuse
-calls) and a token-merged call. The ratios are what a real SD run would gain per step, where the demo UNet is
-too small for merging 16 tokens to matter.
+``--sd-unet``: also one UNet call of SD 1.x size (random weights, ``--sd-size`` images, default 512x512 = 64x64
+latents, CFG batch 2, ``--sd-precision`` fp32 or bf16): seconds for the exact call, a feature-reuse call (and the
+average of an interval-3 cycle: one full + two reuse calls) and token-merged calls (``--tome-ratios``). The ratios
+are what a real SD run would gain per step, where the demo UNet is too small for merging 16 tokens to matter;
+token merging gains more the more tokens the top level holds (quadratic attention).
 
-  python benchmarks/bench_approx.py [--per-digit 10] [--repeats 2] [--threads 2] [--sd-unet]
+  python benchmarks/bench_approx.py [--per-digit 10] [--repeats 2] [--threads 2]
+  python benchmarks/bench_approx.py --skip-demo --sd-unet --sd-size 1024 --sd-precision bf16 --tome-ratios 0.5 0.75
 """
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ def demo_rows(per_digit: int, repeats: int) -> None:
         print(f"| {name} | {rate:.0f} | {rate / exact_rate:.2f}x | {100 * accuracy:.1f}% | {diff:.4f} |")
 
 
-def sd_unet_rows(repeats: int) -> None:
+def sd_unet_rows(repeats: int, size: int = 512, precision: str = "fp32", ratios: tuple[float, ...] = (0.5,)) -> None:
     from omegaconf import OmegaConf
 
     from ldm.modules.diffusionmodules.feature_reuse import FeatureReuse
@@ -104,8 +106,13 @@ def sd_unet_rows(repeats: int) -> None:
     params["use_checkpoint"] = False
     torch.manual_seed(0)
     unet = UNetModel(**params).eval()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    layout = torch.channels_last if precision == "bf16" else torch.contiguous_format  # generate()'s bf16 layout
+    unet = unet.to(dtype=dtype, memory_format=layout)
     g = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 77, 768, generator=g)
+    side = size // 8
+    x, ctx = torch.randn(2, 4, side, side, generator=g), torch.randn(2, 77, 768, generator=g)
+    x = x.to(dtype).contiguous(memory_format=layout)
     t = torch.tensor([500, 500])
 
     def call() -> None:
@@ -113,24 +120,28 @@ def sd_unet_rows(repeats: int) -> None:
 
     call()  # warm-up
     exact: list[float] = []
-    merged: list[float] = []
+    merged: dict[float, list[float]] = {r: [] for r in ratios}
     reused: list[float] = []
     for _ in range(repeats):
         exact.append(timed(call))
-        with TokenMerging(unet, 0.5):
-            merged.append(timed(call))
+        for ratio in ratios:
+            with TokenMerging(unet, ratio):
+                merged[ratio].append(timed(call))
         with FeatureReuse(unet, interval=10**6, depth=1):
             call()  # the full call that fills the cache
             reused.append(timed(call))
-    full, shallow, tome = min(exact), min(reused), min(merged)
+    full, shallow = min(exact), min(reused)
     cycle = (full + 2 * shallow) / 3
-    print(f"\nSD 1.x UNet, 64x64 latents (512x512), CFG batch 2, fp32, random weights, best of {repeats}:")
+    print(f"\nSD 1.x UNet, {side}x{side} latents ({size}x{size}), CFG batch 2, {precision}, random weights, "
+          f"{torch.get_num_threads()} threads, best of {repeats}:")
     print("| path | s per UNet call | vs exact |")
     print("|---|---|---|")
     print(f"| exact | {full:.2f} | 1.00x |")
     print(f"| feature reuse, a reuse call (depth 1) | {shallow:.2f} | {full / shallow:.2f}x |")
     print(f"| feature reuse, interval 3 average (1 full + 2 reuse) | {cycle:.2f} | {full / cycle:.2f}x |")
-    print(f"| token merging 0.5 | {tome:.2f} | {full / tome:.2f}x |")
+    for ratio in ratios:
+        tome = min(merged[ratio])
+        print(f"| token merging {ratio} | {tome:.2f} | {full / tome:.2f}x |")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -139,6 +150,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sd-unet", action="store_true", help="also time one SD 1.x-size UNet call per path")
+    parser.add_argument("--sd-size", type=int, default=512, help="image side of the --sd-unet rows (multiple of 64)")
+    parser.add_argument("--sd-precision", choices=("fp32", "bf16"), default="fp32",
+                        help="weights of the --sd-unet rows (bf16: channels-last, as generate() stores them)")
+    parser.add_argument("--tome-ratios", type=float, nargs="+", default=[0.5], help="token merging ratios timed")
     parser.add_argument("--skip-demo", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -146,7 +161,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not args.skip_demo:
         demo_rows(args.per_digit, args.repeats)
     if args.sd_unet:
-        sd_unet_rows(args.repeats)
+        sd_unet_rows(args.repeats, args.sd_size, args.sd_precision, tuple(args.tome_ratios))
 
 
 if __name__ == "__main__":

@@ -137,6 +137,35 @@ def available_memory(device: Union[str, torch.device]) -> Optional[int]:
     return None
 
 
+def _decoder_shape(model: torch.nn.Module) -> dict[str, Any]:
+    """``ch`` / ``ch_mult`` of the model's VAE decoder, for :func:`decode_memory_estimate` ({}: the SD VAE's)."""
+    decoder = getattr(getattr(model, "first_stage_model", None), "decoder", None)
+    ups = getattr(decoder, "up", None)
+    if decoder is None or ups is None or not hasattr(decoder, "ch"):
+        return {}
+    return {"ch": decoder.ch, "ch_mult": [up.block[-1].out_channels // decoder.ch for up in ups]}
+
+
+def memory_batch_size(model: torch.nn.Module, n: int, options: SamplingSettings) -> int:
+    """Images per batch when ``batch_size`` is not set: all ``n``, or as many as leave the batch's VAE decode (its
+    peak, see :func:`decode_memory_estimate`, per image, or per tile with ``vae_tiling``) within 70% of the memory
+    free on the model's device (CUDA: free device memory; CPU: MemAvailable); at least 1. With ``vae_slicing``
+    the decode holds one image whatever the batch, so all ``n``."""
+    if n <= 1 or options.vae_slicing or options.height is None or options.width is None:
+        return max(n, 1)
+    free = available_memory(execution_device(model))
+    if free is None:
+        return n
+    side = 8 * options.vae_tile_size
+    height, width = ((min(options.height, side), min(options.width, side)) if options.vae_tiling
+                     else (options.height, options.width))
+    first = getattr(model, "first_stage_model", None)
+    weights = next(first.parameters(), None) if first is not None else None
+    bytes_per_value = 2 if options.precision == "bf16" or (weights is not None and weights.element_size() == 2) else 4
+    per_image = decode_memory_estimate(height, width, bytes_per_value=bytes_per_value, **_decoder_shape(model))
+    return max(1, min(n, int(0.7 * free // per_image)))
+
+
 def check_memory(height: int, width: int, device: Union[str, torch.device], **decoder: int) -> None:
     """Refuse a size whose decode alone would not fit in memory, with the estimate, instead of trying."""
     need, free = decode_memory_estimate(height, width, **decoder), available_memory(device)
@@ -325,7 +354,7 @@ def batch_plan(model: torch.nn.Module, prompts: Sequence[str], negative: Sequenc
     groups: dict[int, list[int]] = {}
     for i in range(n):
         groups.setdefault(max(windows[i], windows[n + i]), []).append(i)
-    size = options.batch_size or n
+    size = options.batch_size or memory_batch_size(model, n, options)
     return [rows[k : k + size] for rows in groups.values() for k in range(0, len(rows), size)]
 
 

@@ -166,7 +166,8 @@ class SamplingSettings:
                                     "(slower); default: images run batch_size at a time, equal to a lone run up to "
                                     "kernel rounding")
     batch_size: Optional[int] = setting(None, "images per batch through the text encoder, UNet and VAE; null = "
-                                        "n_samples in the scripts, all images of a generate() call in Python",
+                                        "all of them (n_samples in the scripts, all images of a generate() call "
+                                        "in Python), fewer where their VAE decode would not fit in free memory",
                                         check=at_least(1))
     # Approximate accelerations, off by default (ldm.models.diffusion.sampling.approx); not for the x4 upscaler.
     deepcache_interval: Optional[int] = setting(None, "approximate speed-up (DeepCache feature reuse): run the whole "

@@ -130,3 +130,32 @@ def test_channels_last_model_gives_the_same_images(tiny):
     assert (after - before).abs().max() < 1e-3
     prepare_for_inference(model, "fp32", channels_last=False)
     assert unet.input_blocks[0][0].weight.is_contiguous() and decoder.conv_in.weight.is_contiguous()
+
+
+def test_default_batch_fits_the_decode_in_free_memory(tiny, monkeypatch):
+    """batch_size=null runs all images together unless their VAE decode would not fit: then as many as fit."""
+    import ldm.generation as generation
+    from ldm.generation import batch_plan, decode_memory_estimate
+    from ldm.settings import SamplingSettings
+
+    prompts = ["a cat"] * 5
+    # the tiny VAE: ch 32, ch_mult [1, 2]; its widest full-resolution maps have 64 channels
+    assert generation._decoder_shape(tiny) == {"ch": 32, "ch_mult": [1, 2]}
+    per_image = decode_memory_estimate(512, 512, ch=32, ch_mult=[1, 2])
+    assert per_image == 3 * 512 * 512 * 64 * 4
+    monkeypatch.setattr(generation, "available_memory", lambda device: int(2.6 * per_image / 0.7))
+    plan = batch_plan(tiny, prompts, [""] * 5, SamplingSettings(height=512, width=512))
+    assert plan == [[0, 1], [2, 3], [4]]
+    # bf16 halves the estimate; small images all fit; slicing decodes one image at a time; tiles bound the decode
+    assert batch_plan(tiny, prompts, [""] * 5, SamplingSettings(height=512, width=512, precision="bf16")) == \
+        [[0, 1, 2, 3, 4]]
+    assert batch_plan(tiny, prompts, [""] * 5, SamplingSettings(height=256, width=256)) == [[0, 1, 2, 3, 4]]
+    assert batch_plan(tiny, prompts, [""] * 5, SamplingSettings(height=512, width=512, vae_slicing=True)) == \
+        [[0, 1, 2, 3, 4]]
+    assert batch_plan(tiny, prompts, [""] * 5, SamplingSettings(height=1024, width=1024, vae_tiling=True,
+                                                                vae_tile_size=32)) == [[0, 1, 2, 3, 4]]
+    # an explicit batch_size is the user's
+    assert batch_plan(tiny, prompts, [""] * 5, SamplingSettings(height=512, width=512, batch_size=5)) == \
+        [[0, 1, 2, 3, 4]]
+    monkeypatch.setattr(generation, "available_memory", lambda device: 1)  # never below one image
+    assert batch_plan(tiny, prompts, [""] * 5, SamplingSettings(height=512, width=512)) == [[0], [1], [2], [3], [4]]
