@@ -105,7 +105,8 @@ class SamplingSettings:
     sampler: str = setting("ddim", "the solver", switches={"plms": "plms"}, choices=_sampler_names,
                            model_default=True)
     steps: int = setting(50, "number of denoising steps", flags=("ddim_steps",), check=at_least(1), model_default=True)
-    guidance_scale: float = setting(7.5, "classifier-free guidance scale (1 = no guidance)", flags=("scale",),
+    guidance_scale: float = setting(7.5, "classifier-free guidance scale (1 = no guidance); guidance-distilled "
+                                    "(LCM) models take it as an input instead", flags=("scale",),
                                     check=finite, model_default=True)
     guidance_rescale: float = setting(0.0, "rescale guided predictions towards the conditional one's std (0 = off)",
                                       check=between(0, 1), model_default=True)

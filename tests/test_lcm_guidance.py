@@ -148,3 +148,33 @@ def test_full_size_lcm_file_is_recognised_and_a_wrong_config_names_the_fix():
     assert infer_config(plain.state_dict(), "sd15.safetensors") == "configs/stable-diffusion/v1-inference.yaml"
     with pytest.raises(CheckpointError, match=r"guidance-distilled \(LCM\).*time_cond_proj_dim: 256"):
         check_state_dict(plain, state)
+
+
+def test_sdxl_lcm_folder_samples_what_diffusers_samples(tmp_path):
+    """SDXL with a guidance input (as latent-consistency/lcm-sdxl): our folder in diffusers' SDXL pipeline with its
+    LCMScheduler against generate(); the guidance embedding travels in SDXL's conditioning dict."""
+    from ldm.api import save_model
+    from ldm.ckpt_tool import main as ckpt_tool
+
+    node = OmegaConf.load("configs/tiny/tiny-sdxl.yaml")
+    node.model.params.network_config.params.time_cond_proj_dim = GUIDANCE_DIM
+    config = tmp_path / "tiny-sdxl-lcm.yaml"
+    OmegaConf.save(node, config)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    randomize_(model, seed=4)
+    with torch.no_grad():
+        model.model.diffusion_model.out[2].weight.mul_(0.3)
+    save_model(model, tmp_path / "xl.safetensors")
+    assert ckpt_tool(["convert", str(tmp_path / "xl.safetensors"), str(tmp_path / "folder"), "--config",
+                      str(config)]) == 0
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(tmp_path / "folder"))
+    assert type(pipe.scheduler).__name__ == "LCMScheduler" and pipe.unet.config.time_cond_proj_dim == GUIDANCE_DIM
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPTS[0], height=32, width=32, num_inference_steps=2, guidance_scale=6.0, output_type="pt",
+               generator=torch.Generator().manual_seed(SEEDS[0])).images
+    ours = generate(model, PROMPTS[:1], seeds=SEEDS[:1], sampler="lcm", steps=2, guidance_scale=6.0, height=32,
+                    width=32, progress=False)
+    diff = (ours - ref).abs().max().item()
+    print(f"SDXL LCM, 2 steps, scale 6: max abs image difference {diff:.1e}")
+    assert ref.std() > 0.05 and diff < 1e-5

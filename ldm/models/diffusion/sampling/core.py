@@ -116,6 +116,9 @@ def sample(
     still-noisy latent; ``denoising_start=f`` with that ``noisy_latent`` runs the remaining steps of the
     same schedule (no noise is added).
 
+    Guidance-distilled models (a UNet with ``time_cond_proj_dim``, e.g. LCM_Dreamshaper) take the guidance as an
+    input, as in diffusers: ``cond`` carries the embedding of ``guidance_scale - 1`` and ``uncond`` is not used.
+
     ``approx``: opt-in approximate speed-ups for this run (DeepCache feature reuse, ToMe token merging; see
     :mod:`ldm.models.diffusion.sampling.approx`), removed from the UNet when the run ends.
     """
