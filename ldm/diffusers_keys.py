@@ -20,10 +20,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ldm.checkpoint import CheckpointError
+from ldm.checkpoint import GUIDANCE_INPUT_KEY, CheckpointError
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
-GUIDANCE_KEY = "time_embedding.cond_proj.weight"  # a guidance-distilled UNet's (LCM) guidance projection, both layouts
+GUIDANCE_KEY = GUIDANCE_INPUT_KEY.removeprefix(UNET_PREFIX)  # an LCM UNet's guidance projection: the same name in both
 DIFFUSERS_HINT = "reading or writing diffusers folders needs the diffusers package: pip install diffusers"
 
 
@@ -103,9 +103,8 @@ def to_diffusers(state: Mapping[str, torch.Tensor], slots: list[TextSlot], unet_
 
     out = {"unet": sf.convert_ldm_unet_checkpoint(part(UNET_PREFIX), dict(unet_config)),
            "vae": sf.convert_ldm_vae_checkpoint(part(VAE_PREFIX), dict(vae_config))}
-    guidance = UNET_PREFIX + GUIDANCE_KEY
-    if guidance in state:  # guidance-distilled UNets (LCM): our key is diffusers' name, which its utilities skip
-        out["unet"][GUIDANCE_KEY] = state[guidance]
+    if GUIDANCE_INPUT_KEY in state:  # guidance-distilled UNets (LCM): our key is diffusers' name, which its utilities skip
+        out["unet"][GUIDANCE_KEY] = state[GUIDANCE_INPUT_KEY]
     for slot in slots:
         if slot.kind == "clip":
             out[slot.component] = sf.convert_ldm_clip_checkpoint(part(slot.prefix), remove_prefix=slot.prefix)
