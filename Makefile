@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-fast demo demo-model webui bench-load bench-txt2img bench-vae bench-sdxl
+.PHONY: setup test test-fast demo demo-model webui bench-load bench-txt2img bench-paired bench-vae bench-sdxl
 
 setup:
 	@LDM_VENV=$(VENV) bash scripts/setup_env.sh
@@ -29,6 +29,9 @@ bench-load: setup
 
 bench-txt2img: setup
 	$(PY) benchmarks/bench_txt2img.py
+
+bench-paired: setup
+	$(PY) benchmarks/bench_paired.py
 
 bench-vae: setup
 	$(PY) benchmarks/bench_vae_memory.py --size 1024
