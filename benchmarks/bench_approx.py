@@ -3,19 +3,22 @@
 
 On the bundled digits demo at its default settings (16x16, DDIM 25 steps, guidance 3), for the exact path,
 feature reuse at its default (``deepcache_interval=3``, ``deepcache_depth=1``), token merging at its default
-(``tome_ratio=0.5``), few-step sampling without distillation (DDIM 4 steps; the ``lcm`` sampler, 1 step) and the
+(``tome_ratio=0.5``; also merging for every sub-layer two levels deep, and 0.75 of the tokens for every sub-layer
+three levels deep), few-step sampling without distillation (DDIM 4 steps; the ``lcm`` sampler, 1 step) and the
 bundled LCM-LoRA (``ldm/assets/digits_demo/lcm-lora.safetensors``, merged; 1, 2 and 4 steps): images per
 minute (best of ``--repeats`` timed generate() calls of ``10 * --per-digit`` images, paths interleaved), digit accuracy by the independent classifier of ``ldm.digit_metrics``, and the mean
 absolute pixel difference (0..1 scale) from the exact images.
 
 ``--sd-unet``: also one UNet call of SD 1.x size (random weights, ``--sd-size`` images, default 512x512 = 64x64
 latents, CFG batch 2, ``--sd-precision`` fp32 or bf16): seconds for the exact call, a feature-reuse call (and the
-average of an interval-3 cycle: one full + two reuse calls) and token-merged calls (``--tome-ratios``). The ratios
+average of an interval-3 cycle: one full + two reuse calls) and token-merged calls (each of ``--tome-ratios`` x
+``--tome-layers`` x ``--tome-max-downsample``). The ratios
 are what a real SD run would gain per step, where the demo UNet is too small for merging 16 tokens to matter;
 token merging gains more the more tokens the top level holds (quadratic attention).
 
   python benchmarks/bench_approx.py [--per-digit 10] [--repeats 2] [--threads 2]
-  python benchmarks/bench_approx.py --skip-demo --sd-unet --sd-size 1024 --sd-precision bf16 --tome-ratios 0.5 0.75
+  python benchmarks/bench_approx.py --skip-demo --sd-unet --sd-size 1024 --sd-precision bf16 --tome-ratios 0.5 0.75 \
+      --tome-layers self_attention all --tome-max-downsample 1 2
 """
 from __future__ import annotations
 
@@ -36,6 +39,10 @@ PATHS: dict[str, dict] = {
     "exact": {},
     "feature reuse (deepcache_interval=3, depth 1)": {"deepcache_interval": 3},
     "token merging (tome_ratio=0.5)": {"tome_ratio": 0.5},
+    "token merging (0.5, tome_layers=all, tome_max_downsample=2)": {"tome_ratio": 0.5, "tome_layers": "all",
+                                                                    "tome_max_downsample": 2},
+    "token merging (0.75, tome_layers=all, tome_max_downsample=4)": {"tome_ratio": 0.75, "tome_layers": "all",
+                                                                     "tome_max_downsample": 4},
     "few steps, no distillation: ddim 4 steps": {"steps": 4},
     "few steps, no distillation: lcm 1 step": {"sampler": "lcm", "steps": 1},
     "LCM-LoRA, lcm 1 step, guidance 1": {"model": "lcm", "sampler": "lcm", "steps": 1, "guidance_scale": 1.0},
@@ -94,7 +101,8 @@ def demo_rows(per_digit: int, repeats: int) -> None:
         print(f"| {name} | {rate:.0f} | {rate / exact_rate:.2f}x | {100 * accuracy:.1f}% | {diff:.4f} |")
 
 
-def sd_unet_rows(repeats: int, size: int = 512, precision: str = "fp32", ratios: tuple[float, ...] = (0.5,)) -> None:
+def sd_unet_rows(repeats: int, size: int = 512, precision: str = "fp32", ratios: tuple[float, ...] = (0.5,),
+                 layers: tuple[str, ...] = ("self_attention",), downsamples: tuple[int, ...] = (1,)) -> None:
     from omegaconf import OmegaConf
 
     from ldm.modules.diffusionmodules.feature_reuse import FeatureReuse
@@ -120,13 +128,14 @@ def sd_unet_rows(repeats: int, size: int = 512, precision: str = "fp32", ratios:
 
     call()  # warm-up
     exact: list[float] = []
-    merged: dict[float, list[float]] = {r: [] for r in ratios}
+    variants = [(r, lay, ds) for r in ratios for lay in layers for ds in downsamples]
+    merged: dict[tuple, list[float]] = {v: [] for v in variants}
     reused: list[float] = []
     for _ in range(repeats):
         exact.append(timed(call))
-        for ratio in ratios:
-            with TokenMerging(unet, ratio):
-                merged[ratio].append(timed(call))
+        for ratio, lay, ds in variants:
+            with TokenMerging(unet, ratio, lay, ds):
+                merged[ratio, lay, ds].append(timed(call))
         with FeatureReuse(unet, interval=10**6, depth=1):
             call()  # the full call that fills the cache
             reused.append(timed(call))
@@ -139,9 +148,9 @@ def sd_unet_rows(repeats: int, size: int = 512, precision: str = "fp32", ratios:
     print(f"| exact | {full:.2f} | 1.00x |")
     print(f"| feature reuse, a reuse call (depth 1) | {shallow:.2f} | {full / shallow:.2f}x |")
     print(f"| feature reuse, interval 3 average (1 full + 2 reuse) | {cycle:.2f} | {full / cycle:.2f}x |")
-    for ratio in ratios:
-        tome = min(merged[ratio])
-        print(f"| token merging {ratio} | {tome:.2f} | {full / tome:.2f}x |")
+    for ratio, lay, ds in variants:
+        tome = min(merged[ratio, lay, ds])
+        print(f"| token merging {ratio}, layers {lay}, max_downsample {ds} | {tome:.2f} | {full / tome:.2f}x |")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -154,6 +163,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--sd-precision", choices=("fp32", "bf16"), default="fp32",
                         help="weights of the --sd-unet rows (bf16: channels-last, as generate() stores them)")
     parser.add_argument("--tome-ratios", type=float, nargs="+", default=[0.5], help="token merging ratios timed")
+    parser.add_argument("--tome-layers", nargs="+", default=["self_attention"],
+                        choices=("self_attention", "attention", "all"), help="token merging layers timed")
+    parser.add_argument("--tome-max-downsample", type=int, nargs="+", default=[1], choices=(1, 2, 4, 8),
+                        help="token merging depths timed")
     parser.add_argument("--skip-demo", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -161,7 +174,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not args.skip_demo:
         demo_rows(args.per_digit, args.repeats)
     if args.sd_unet:
-        sd_unet_rows(args.repeats, args.sd_size, args.sd_precision, tuple(args.tome_ratios))
+        sd_unet_rows(args.repeats, args.sd_size, args.sd_precision, tuple(args.tome_ratios), tuple(args.tome_layers),
+                     tuple(args.tome_max_downsample))
 
 
 if __name__ == "__main__":

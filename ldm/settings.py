@@ -61,6 +61,10 @@ def at_least(low: float) -> Check:
     return lambda v: finite(v) or (None if v >= low else f"must be at least {low}, got {v}")
 
 
+def one_of(*allowed: Any) -> Check:
+    return lambda v: None if v in allowed else f"must be one of {', '.join(map(str, allowed))}, got {v}"
+
+
 def image_side(value: int) -> Optional[str]:
     if value > 0 and value % 8 == 0:
         return None
@@ -86,6 +90,12 @@ def _discretizations() -> list[str]:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16", "autocast")
+
+
+def _tome_layers() -> Sequence[str]:
+    from ldm.modules.tome import LAYERS
+
+    return tuple(LAYERS)
 
 
 def _precisions() -> list[str]:
@@ -182,6 +192,13 @@ class SamplingSettings:
                                           "merged before self-attention in the highest-resolution transformer blocks "
                                           "(0.5 is tomesd's default); null = off (exact)", check=between(0, 0.75),
                                           tasks=APPROX_TASKS)
+    tome_layers: str = setting("self_attention", "token merging: the sub-layers of each merged transformer block that "
+                               "run on the merged tokens: self_attention (tomesd's default) | attention (+ cross-"
+                               "attention) | all (+ feed-forward: faster, further from exact)",
+                               choices=lambda: list(_tome_layers()), tasks=APPROX_TASKS)
+    tome_max_downsample: int = setting(1, "token merging: also merge in the transformers this many times downsampled "
+                                       "(1 = the highest resolution only, as tomesd; 2, 4, 8)",
+                                       check=one_of(1, 2, 4, 8), tasks=APPROX_TASKS)
 
 
 @dataclass

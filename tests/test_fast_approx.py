@@ -32,6 +32,12 @@ def random_model(config: Path, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def context_dim(unet: torch.nn.Module) -> int:
+    """The text embedding width the UNet's cross-attentions take."""
+    return next(m for m in unet.modules() if isinstance(m, CrossAttention) and m.to_k.in_features != m.to_q.in_features
+                ).to_k.in_features
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return random_model(TINY)
@@ -127,6 +133,48 @@ def test_tome_changes_the_result_reproducibly_and_only_at_the_top_resolution(tin
     assert (a - exact).abs().mean() < 0.1
 
 
+def test_tome_layers_and_depth_choose_what_is_patched(tiny):
+    unet = tiny.model.diffusion_model
+    top = TokenMerging(unet, 0.5, "all")
+    two_levels = TokenMerging(unet, 0.5, "attention", max_downsample=2)
+    assert len(top.blocks) == 3 and len(two_levels.blocks) > 3
+    assert {b.attn1.to_q.in_features for b in two_levels.blocks} == {32, 64}  # tiny-sd1's first two levels
+    with top:
+        patched = {name for name, m in unet.named_modules() if "forward" in vars(m)}
+    assert {n.rsplit(".", 1)[1] for n in patched} == {"attn1", "attn2", "ff"} and len(patched) == 9
+    assert_unpatched(unet)
+    for bad in ({"layers": "mlp"}, {"max_downsample": 3}):
+        with pytest.raises(ValueError, match="must be one of"):
+            TokenMerging(unet, 0.5, **bad)
+
+
+def test_each_wider_scope_computes_less_and_moves_further_from_exact(tiny):
+    """Counted FLOPs of one UNet call fall as merging reaches more sub-layers and levels, each a real change."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = tiny.model.diffusion_model
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, context_dim(unet), generator=g)
+    t = torch.tensor([300, 300])
+
+    def run(**kw: object) -> tuple[int, torch.Tensor]:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            if kw:
+                with TokenMerging(unet, 0.5, **kw):
+                    out = unet(x, t, context=ctx)
+            else:
+                out = unet(x, t, context=ctx)
+        return counter.get_total_flops(), out
+
+    scopes = [{}, {"layers": "self_attention"}, {"layers": "attention"}, {"layers": "all"},
+              {"layers": "all", "max_downsample": 2}]
+    results = [run(**kw) for kw in scopes]
+    flops = [f for f, _ in results]
+    assert all(a > b for a, b in zip(flops, flops[1:])), flops
+    outs = [o for _, o in results]
+    assert all(not torch.equal(a, b) for a, b in zip(outs, outs[1:]))
+
+
 def windowed_duplicates(b: int, h: int, w: int, c: int) -> torch.Tensor:
     """[b, h*w, c] tokens where every 2x2 window holds four copies of one random token."""
     small = torch.randn(b, c, h // 2, w // 2, generator=torch.Generator().manual_seed(4))
@@ -157,6 +205,28 @@ def test_merged_attention_layer_matches_on_duplicates():
     assert bipartite_matching(x, 4, 4, 0.0) is None  # nothing to merge: the layer runs unchanged
 
 
+def test_merging_a_whole_block_is_exact_on_duplicated_windows(tiny):
+    """Where each 2x2 window holds one token four times, merging three of them for self-attention, cross-attention
+    and feed-forward alike must give exactly the full transformer's output (the per-token layers see the same
+    token, and attention over four copies of each key equals attention over one)."""
+    unet = tiny.model.diffusion_model
+    tome = TokenMerging(unet, 0.75, "all")
+    transformer = tome.transformers[0]
+    c = transformer.in_channels
+    small = torch.randn(2, c, 4, 4, generator=torch.Generator().manual_seed(2))
+    x = torch.nn.functional.interpolate(small, scale_factor=2, mode="nearest")
+    ctx = torch.randn(2, 77, context_dim(unet), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        exact = transformer(x, context=ctx)
+        with tome:
+            merged = transformer(x, context=ctx)
+        noisy = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+        with tome:
+            approx = transformer(noisy, context=ctx)
+    torch.testing.assert_close(merged, exact, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(approx, transformer(noisy, context=ctx), atol=1e-3)  # not a no-op elsewhere
+
+
 def test_patches_are_removed_after_an_error(tiny):
     def fail(_info: dict) -> None:
         raise KeyboardInterrupt
@@ -170,6 +240,8 @@ def test_user_errors_are_one_line():
     model = random_model(TINY)
     for bad, message in (({"deepcache_interval": 0}, "deepcache_interval must be at least 1, got 0"),
                          ({"tome_ratio": 0.9}, "tome_ratio must be in [0, 0.75], got 0.9"),
+                         ({"tome_ratio": 0.5, "tome_max_downsample": 3},
+                          "tome_max_downsample must be one of 1, 2, 4, 8, got 3"),
                          ({"deepcache_interval": 2, "deepcache_depth": 9},
                           "deepcache_depth must be in [0, 3] for this UNet (4 input blocks), got 9")):
         with pytest.raises(ValueError) as err:
@@ -179,15 +251,16 @@ def test_user_errors_are_one_line():
 
 def test_settings_are_recorded_and_regenerated(txt2img, model_args, tmp_path):
     fields = settings.recipe_fields("txt2img")
-    assert {"deepcache_interval", "deepcache_depth", "tome_ratio"} <= set(fields)
+    assert {"deepcache_interval", "deepcache_depth", "tome_ratio", "tome_layers", "tome_max_downsample"} <= set(fields)
     assert "tome_ratio" not in settings.names("upscale")
     assert settings.defaults("txt2img")["deepcache_interval"] is None and settings.defaults("txt2img")["tome_ratio"] is None
     out = tmp_path / "out"
     argv = ["--prompt", "a cube", "--H", "32", "--W", "32", "--ddim_steps", "3", "--n_iter", "1", "--n_samples", "1",
-            *model_args, "--outdir", str(out), "deepcache_interval=2", "tome_ratio=0.5"]
+            *model_args, "--outdir", str(out), "deepcache_interval=2", "tome_ratio=0.5", "tome_layers=all"]
     assert txt2img.run(argv) == 0
     meta = read_metadata(out / "samples" / "00000.png")
     assert meta["deepcache_interval"] == 2 and meta["tome_ratio"] == 0.5 and meta["deepcache_depth"] == 1
+    assert meta["tome_layers"] == "all" and meta["tome_max_downsample"] == 1
     again = tmp_path / "again"
     assert txt2img.run(["--regenerate", str(out / "samples" / "00000.png"), "--outdir", str(again)]) == 0
     assert read_metadata(again / "samples" / "00000.png") == meta

@@ -21,11 +21,14 @@ class Approximations:
     deepcache_interval: Optional[int] = None  # run the whole UNet every N calls, reuse deep features between
     deepcache_depth: int = 1  # deepest input block that runs on reuse calls (0 = the input convolution)
     tome_ratio: Optional[float] = None  # fraction of tokens merged before self-attention at the top resolution
+    tome_layers: str = "self_attention"  # or "attention" (+ cross-attention), "all" (+ feed-forward)
+    tome_max_downsample: int = 1  # also merge this many times downsampled (1: the top resolution only)
 
     @classmethod
     def from_settings(cls, settings: Any) -> "Approximations":
         """The approximations a :class:`ldm.settings.SamplingSettings` asks for."""
-        return cls(settings.deepcache_interval, settings.deepcache_depth, settings.tome_ratio)
+        return cls(settings.deepcache_interval, settings.deepcache_depth, settings.tome_ratio,
+                   settings.tome_layers, settings.tome_max_downsample)
 
     @property
     def active(self) -> bool:
@@ -53,7 +56,7 @@ def approximations(model: nn.Module, approx: Optional[Approximations]) -> Iterat
     with contextlib.ExitStack() as stack:
         reuse = None
         if approx.tome_ratio is not None:
-            stack.enter_context(TokenMerging(unet, approx.tome_ratio))
+            stack.enter_context(TokenMerging(unet, approx.tome_ratio, approx.tome_layers, approx.tome_max_downsample))
         if approx.deepcache_interval is not None:
             reuse = stack.enter_context(FeatureReuse(unet, approx.deepcache_interval, approx.deepcache_depth))
         yield reuse
