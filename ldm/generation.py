@@ -447,10 +447,11 @@ def _generate_batch(model, prompts: list[str], negative: list[str], seeds: list[
             else:  # img2img on the finished latents; in the kept region they equal the source already
                 latents = sample(model, cond, init_latent=latents if refine_keep is None else source_latent,
                                  strength=options.refiner_strength, start_latent=latents, **common)
-    # fp16 VAE decoding overflows; decode in full precision unless bf16 was asked for (or the VAE is stored in fp16:
-    # a VAE fixed for it).
+    # fp16 VAE decoding overflows; decode in full precision unless bf16 was asked for, directly or as autocast off
+    # CUDA (bf16 keeps fp32's range), or the VAE is stored in fp16 (a VAE fixed for it).
     first_dtype = next(model.first_stage_model.parameters()).dtype
-    with precision_context("bf16" if precision == "bf16" else "fp32", device, first_dtype):
+    bf16 = precision == "bf16" or (precision == "autocast" and device.type != "cuda")
+    with precision_context("bf16" if bf16 else "fp32", device, first_dtype):
         images = decode_latents(model, latents, tile, options.vae_slicing)
     return ((images.float() + 1) / 2).clamp(0, 1)
 

@@ -195,7 +195,7 @@ class SamplingSettings:
     tome_layers: str = setting("self_attention", "token merging: the sub-layers of each merged transformer block that "
                                "run on the merged tokens: self_attention (tomesd's default) | attention (+ cross-"
                                "attention) | all (+ feed-forward: faster, further from exact)",
-                               choices=lambda: list(_tome_layers()), tasks=APPROX_TASKS)
+                               choices=_tome_layers, tasks=APPROX_TASKS)
     tome_max_downsample: int = setting(1, "token merging: also merge in the transformers this many times downsampled "
                                        "(1 = the highest resolution only, as tomesd; 2, 4, 8)",
                                        check=one_of(1, 2, 4, 8), tasks=APPROX_TASKS)

@@ -71,6 +71,23 @@ def test_bf16_weights_run_natively_and_stay_close_to_fp32(monkeypatch):
     assert 30 < _psnr(fast, ref) < math.inf  # bf16 really ran, and the image is the same digit image
 
 
+def test_cpu_autocast_decodes_under_bf16_autocast_too():
+    """precision=autocast on a CPU is bf16 autocast (fp32's range: no VAE overflow), the decode included, as in
+    diffusers under torch.autocast; fp32 decodes without it."""
+    model = load_model(DEMO / "config.yaml", DEMO / "model.safetensors")
+    seen = []
+    hook = model.first_stage_model.decoder.register_forward_pre_hook(
+        lambda *_: seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")))
+    opts = dict(seeds=[3], steps=10, height=16, width=16, guidance_scale=3.0, progress=False)
+    try:
+        ref = generate(model, ["a handwritten digit three"], precision="fp32", **opts)
+        out = generate(model, ["a handwritten digit three"], precision="autocast", **opts)
+    finally:
+        hook.remove()
+    assert seen == [False, torch.bfloat16]
+    assert out.dtype == torch.float32 and 30 < _psnr(out, ref) < math.inf
+
+
 def test_fp16_keeps_the_autoencoder_in_fp32():
     model = build_model(TINY).eval()
     prepare_for_inference(model, "fp16")
