@@ -217,8 +217,9 @@ class RunSettings(SamplingSettings):
     seed: int = setting(42, "seed of the first image; image k gets seed + k", check=between(0, MAX_SEED))
     fixed_code: bool = setting(False, "every image starts from the same noise (seed)", recipe=False)
     compile: bool = setting(False, "torch.compile the UNet (the first image pays the compilation)")
-    channels_last: Optional[bool] = setting(None, "UNet weights and activations channels-last (fewer layout "
-                                            "conversions, faster convolutions); null = on for bf16/fp16")
+    channels_last: Optional[bool] = setting(None, "UNet and autoencoder weights and activations channels-last (fewer "
+                                            "layout conversions, faster convolutions); null = on for bf16/fp16/"
+                                            "autocast, and for the autoencoder alone under fp32 on a CPU")
     vae: Optional[str] = setting(None, "a VAE weights file that replaces the model's autoencoder (CompVis or diffusers "
                                  "keys), e.g. sdxl-vae-fp16-fix: under precision=fp16 it then decodes in fp16")
     lora: Optional[str] = setting(None, "a LoRA file (kohya, diffusers or PEFT layout) merged into the UNet / text "

@@ -132,6 +132,21 @@ def test_channels_last_model_gives_the_same_images(tiny):
     assert unet.input_blocks[0][0].weight.is_contiguous() and decoder.conv_in.weight.is_contiguous()
 
 
+@pytest.mark.parametrize("precision, unet_cl", [("fp32", False), ("autocast", True), ("bf16", True)])
+def test_default_layout_per_precision(tiny, precision, unet_cl):
+    """channels_last=None: the UNet channels-last where its convolutions run in bf16/fp16 (weights or autocast);
+    the autoencoder channels-last on a CPU in every precision (its fp32 decode is faster so too)."""
+    import copy
+
+    from ldm.generation import prepare_for_inference
+
+    model = prepare_for_inference(copy.deepcopy(tiny), precision)
+    conv = model.model.diffusion_model.input_blocks[1][0].in_layers[2].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) is unet_cl and conv.is_contiguous() is not unet_cl
+    vae = model.first_stage_model.decoder.conv_in.weight
+    assert vae.is_contiguous(memory_format=torch.channels_last) and not vae.is_contiguous()
+
+
 def test_default_batch_fits_the_decode_in_free_memory(tiny, monkeypatch):
     """batch_size=null runs all images together unless their VAE decode would not fit: then as many as fit."""
     import ldm.generation as generation
