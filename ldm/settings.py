@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from ldm.models.diffusion.sampling.core import MAX_SEED
+from ldm.modules.tome import LAYERS as TOME_LAYERS
+from ldm.modules.tome import MAX_DOWNSAMPLES as TOME_MAX_DOWNSAMPLES
+from ldm.modules.tome import MAX_RATIO as TOME_MAX_RATIO
 
 TASKS = ("txt2img", "img2img", "inpaint", "upscale", "depth2img")
 APPROX_TASKS = ("txt2img", "img2img", "inpaint", "depth2img")  # not the x4 upscaler (tiles, own sampling)
@@ -90,12 +93,6 @@ def _discretizations() -> list[str]:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16", "autocast")
-
-
-def _tome_layers() -> Sequence[str]:
-    from ldm.modules.tome import LAYERS
-
-    return tuple(LAYERS)
 
 
 def _precisions() -> list[str]:
@@ -190,15 +187,15 @@ class SamplingSettings:
                                    "feed", check=at_least(0), tasks=APPROX_TASKS)
     tome_ratio: Optional[float] = setting(None, "approximate speed-up (token merging, ToMe for SD): fraction of tokens "
                                           "merged before self-attention in the highest-resolution transformer blocks "
-                                          "(0.5 is tomesd's default); null = off (exact)", check=between(0, 0.75),
+                                          "(0.5 is tomesd's default); null = off (exact)", check=between(0, TOME_MAX_RATIO),
                                           tasks=APPROX_TASKS)
     tome_layers: str = setting("self_attention", "token merging: the sub-layers of each merged transformer block that "
                                "run on the merged tokens: self_attention (tomesd's default) | attention (+ cross-"
                                "attention) | all (+ feed-forward: faster, further from exact)",
-                               choices=_tome_layers, tasks=APPROX_TASKS)
+                               choices=lambda: list(TOME_LAYERS), tasks=APPROX_TASKS)
     tome_max_downsample: int = setting(1, "token merging: also merge in the transformers this many times downsampled "
                                        "(1 = the highest resolution only, as tomesd; 2, 4, 8)",
-                                       check=one_of(1, 2, 4, 8), tasks=APPROX_TASKS)
+                                       check=one_of(*TOME_MAX_DOWNSAMPLES), tasks=APPROX_TASKS)
 
 
 @dataclass
